@@ -1,0 +1,19 @@
+"""Fused custom ops of structalign, each with reference / cpp / triton backends behind one function.
+
+    graph_message_passing   adaptive (softmax-normalised) neighbour aggregation of the L-GRN head
+    relative_location_loss  criterion on landmark positions relative to related landmarks
+"""
+from structalign.ops.backend import get_backend, set_backend, use_backend
+from structalign.ops.graph import LandmarkGraph, RelationSet
+from structalign.ops.graph_message_passing import graph_message_passing
+from structalign.ops.relative_location_loss import relative_location_loss
+
+__all__ = [
+    "LandmarkGraph",
+    "RelationSet",
+    "get_backend",
+    "graph_message_passing",
+    "relative_location_loss",
+    "set_backend",
+    "use_backend",
+]
