@@ -1,0 +1,91 @@
+"""Timing and memory harness shared by the benchmarks (not tests: nothing here asserts on time).
+
+`measure(fn, device)` runs fn with warm-up and returns the median and p20/p80 in milliseconds, timed with CUDA events
+on a GPU (synchronised) and time.perf_counter on the CPU; `peak_bytes(fn, device)` is the peak memory one call adds
+(CUDA allocator statistics on a GPU; on the CPU, the peak of a tracking allocator hook via torch.profiler).
+`print_table` prints rows as an aligned table; `write_json` stores them with the device and versions.
+"""
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _quantile(values, q):
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def measure(fn, device: torch.device, warmup: int = 3, reps: int = 20, min_time_s: float = 0.0) -> dict:
+    """Median, p20 and p80 of fn()'s wall time in ms (at least `reps` runs, and at least `min_time_s` seconds)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time_s:
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8)}
+
+
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak memory allocated during one fn() call beyond what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Replay the allocation events in order to find the high-water mark of live bytes.
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def print_table(rows: list, columns: list) -> None:
+    """Print dict rows as an aligned text table over the given columns."""
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def write_json(path: str, rows: list, device: torch.device) -> None:
+    meta = {"device": device_name(device), "torch": torch.__version__, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
