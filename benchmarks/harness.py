@@ -9,8 +9,28 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+
+@dataclass
+class OpCase:
+    """One op x shape x provider of benchmarks/ops.py.
+
+    provider: "eager" (the paper code's dense formulation), "reference", "compile" (torch.compile of the reference),
+    "cpp" or "triton". forward(): one forward building the autograd graph as training does; backward(): one backward
+    through a graph made once beforehand (retain_graph); full(): forward + backward, also the call measured for peak
+    memory.
+    """
+
+    op: str
+    shape: str
+    provider: str
+    forward: Callable[[], object]
+    backward: Callable[[], object]
+    full: Callable[[], object]
 
 
 def device_name(device: torch.device) -> str:
