@@ -26,14 +26,13 @@ def edge_softmax_reference(logits: torch.Tensor, indptr: torch.Tensor) -> torch.
     """Softmax of logits (Tensor[E] or Tensor[B, E]) within each row of the CSR graph; same shape as logits."""
     rows = _edge_rows(indptr)
     n = indptr.numel() - 1
-    lead = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])
     idx = rows.expand_as(flat)
     peak = torch.full((flat.shape[0], n), -math.inf, dtype=flat.dtype, device=flat.device)
     peak = peak.scatter_reduce(1, idx, flat, "amax", include_self=True)
     ex = torch.exp(flat - peak.gather(1, idx))
     den = torch.zeros_like(peak).index_add(1, rows, ex)
-    return (ex / den.gather(1, idx)).reshape(*lead, -1)
+    return (ex / den.gather(1, idx)).reshape(logits.shape)
 
 
 def graph_message_passing_reference(h_self, h_nbr, logits, indptr, indices, bias=None):

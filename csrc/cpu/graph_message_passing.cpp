@@ -1,0 +1,267 @@
+// CPU kernels of graph_message_passing: the forward (row softmax + weighted aggregation + bias in one pass per
+// output row) and the fused backward (grad h_self, a race-free gather for grad h_nbr over the transposed graph,
+// grad logits through the softmax Jacobian, grad bias). Nothing of size N x N is built.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "graph_message_passing.h"
+#include "graph_message_passing_math.h"
+
+namespace structalign {
+
+namespace {
+
+using gmp::Acc;
+
+// Rows of output (one face, one node) per parallel_for task: each row costs about deg x C multiply-adds.
+constexpr int64_t kRowGrain = 32;
+
+// Checks the CSR values (they come from Python unchecked when the op is called directly) and returns the largest
+// row length.
+int64_t check_csr_values(const at::Tensor& indptr, const at::Tensor& indices, int64_t n) {
+  const int64_t* ptr = indptr.data_ptr<int64_t>();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t e = indices.numel();
+  TORCH_CHECK(ptr[0] == 0 && ptr[n] == e, "graph_message_passing: indptr must start at 0 and end at E = ", e,
+              ", got ", ptr[0], "..", ptr[n]);
+  int64_t max_deg = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ptr[i + 1] > ptr[i], "graph_message_passing: node ", i,
+                " has no entry in indptr/indices (every row needs at least its self loop)");
+    max_deg = std::max(max_deg, ptr[i + 1] - ptr[i]);
+  }
+  for (int64_t k = 0; k < e; ++k) {
+    TORCH_CHECK(idx[k] >= 0 && idx[k] < n, "graph_message_passing: indices[", k, "] = ", idx[k],
+                " is outside [0, ", n, ")");
+  }
+  return max_deg;
+}
+
+at::ScalarType acc_type(const at::Tensor& h) {
+  return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A row of an [B, N, C] tensor whose channels have unit stride.
+struct Rows {
+  int64_t stride_b, stride_n;
+  template <typename T>
+  const T* at(const T* base, int64_t b, int64_t i) const {
+    return base + b * stride_b + i * stride_n;
+  }
+  static Rows of(const at::Tensor& t) {
+    return {t.stride(0), t.stride(1)};
+  }
+};
+
+template <typename T>
+void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const typename Acc<T>::type* logits,
+                    int64_t logits_stride_b, const int64_t* indptr, const int64_t* indices, const T* bias, T* out,
+                    int64_t b_size, int64_t n, int64_t c, int64_t max_deg) {
+  using A = typename Acc<T>::type;
+  at::parallel_for(0, b_size * n, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<A> attn(max_deg), acc(c);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / n, i = r % n, row = indptr[i], deg = indptr[i + 1] - row;
+      gmp::row_softmax(logits + b * logits_stride_b + row, deg, attn.data());
+      A* a_acc = acc.data();
+      for (int64_t k = 0; k < deg; ++k) {
+        const int64_t j = indices[row + k];
+        const T* v = j == i ? hs.at(h_self, b, i) : hn.at(h_nbr, b, j);
+        const A a = attn[k];
+        if (k == 0) {
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) a_acc[ch] = a * gmp::load(v[ch]);
+        } else {
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) a_acc[ch] += a * gmp::load(v[ch]);
+        }
+      }
+      T* o = out + r * c;
+      if (bias != nullptr) {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) o[ch] = gmp::store<T>(a_acc[ch] + gmp::load(bias[ch]));
+      } else {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) o[ch] = gmp::store<T>(a_acc[ch]);
+      }
+    }
+  });
+}
+
+// Softmax of every row for the Bl logit sets (Bl = 1 shared, B per face) into attn (Tensor[Bl, E], acc type).
+template <typename A>
+void softmax_kernel(const A* logits, const int64_t* indptr, A* attn, int64_t sets, int64_t n, int64_t e) {
+  at::parallel_for(0, sets * n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = r / n, i = r % n, row = indptr[i];
+      gmp::row_softmax(logits + s * e + row, indptr[i + 1] - row, attn + s * e + row);
+    }
+  });
+}
+
+// The transposed graph: for node j, in_edges[in_ptr[j]..in_ptr[j + 1]) are the edges e with indices[e] == j.
+struct Transposed {
+  std::vector<int64_t> in_ptr, in_edges, edge_row;
+};
+
+Transposed transpose(const int64_t* indptr, const int64_t* indices, int64_t n, int64_t e) {
+  Transposed t{std::vector<int64_t>(n + 1, 0), std::vector<int64_t>(e), std::vector<int64_t>(e)};
+  for (int64_t k = 0; k < e; ++k) ++t.in_ptr[indices[k] + 1];
+  for (int64_t j = 0; j < n; ++j) t.in_ptr[j + 1] += t.in_ptr[j];
+  std::vector<int64_t> fill(t.in_ptr.begin(), t.in_ptr.end() - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = indptr[i]; k < indptr[i + 1]; ++k) {
+      t.edge_row[k] = i;
+      t.in_edges[fill[indices[k]]++] = k;
+    }
+  }
+  return t;
+}
+
+template <typename T>
+void backward_kernel(const T* grad_out, Rows go, const T* h_self, Rows hs, const T* h_nbr, Rows hn,
+                     const typename Acc<T>::type* attn, int64_t attn_stride_b, const int64_t* indptr,
+                     const int64_t* indices, const Transposed& tg, T* grad_h_self, T* grad_h_nbr,
+                     typename Acc<T>::type* grad_logits, int64_t b_size, int64_t n, int64_t c, int64_t e) {
+  using A = typename Acc<T>::type;
+  at::parallel_for(0, b_size * n, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(c);
+    A* a_acc = acc.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / n, k = r % n, row = indptr[k], row_end = indptr[k + 1];
+      const A* a_b = attn + b * attn_stride_b;
+      const T* g = go.at(grad_out, b, k);
+      if (grad_h_self != nullptr) {
+        A a_self = 0;
+        for (int64_t f = row; f < row_end; ++f) a_self += indices[f] == k ? a_b[f] : A(0);
+        T* gs = grad_h_self + r * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) gs[ch] = gmp::store<T>(a_self * gmp::load(g[ch]));
+      }
+      if (grad_logits != nullptr) {
+        // d_f = <g_k, v_f> for the row's edges, kept in grad_logits until the row's weighted sum is known.
+        A* gl = grad_logits + b * e;
+        A weighted = 0;
+        for (int64_t f = row; f < row_end; ++f) {
+          const int64_t j = indices[f];
+          const T* v = j == k ? hs.at(h_self, b, k) : hn.at(h_nbr, b, j);
+          A d = 0;
+#pragma omp simd reduction(+ : d)
+          for (int64_t ch = 0; ch < c; ++ch) d += gmp::load(g[ch]) * gmp::load(v[ch]);
+          gl[f] = d;
+          weighted += a_b[f] * d;
+        }
+        for (int64_t f = row; f < row_end; ++f) gl[f] = gmp::softmax_backward(a_b[f], gl[f], weighted);
+      }
+      if (grad_h_nbr != nullptr) {
+        bool first = true;
+        for (int64_t t = tg.in_ptr[k]; t < tg.in_ptr[k + 1]; ++t) {
+          const int64_t f = tg.in_edges[t], i = tg.edge_row[f];
+          if (i == k) continue;  // the self loop reads h_self, not h_nbr
+          const A a = a_b[f];
+          const T* gi = go.at(grad_out, b, i);
+          if (first) {
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) a_acc[ch] = a * gmp::load(gi[ch]);
+          } else {
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) a_acc[ch] += a * gmp::load(gi[ch]);
+          }
+          first = false;
+        }
+        T* gn = grad_h_nbr + r * c;
+        if (first) {
+          std::fill(gn, gn + c, gmp::store<T>(A(0)));
+        } else {
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) gn[ch] = gmp::store<T>(a_acc[ch]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor graph_message_passing_cpu(const at::Tensor& h_self_in, const at::Tensor& h_nbr_in,
+                                     const at::Tensor& logits_in, const at::Tensor& indptr_in,
+                                     const at::Tensor& indices_in, const c10::optional<at::Tensor>& bias_in) {
+  check_graph_message_passing_args(h_self_in, h_nbr_in, logits_in, indptr_in, indices_in, bias_in);
+  TORCH_INTERNAL_ASSERT(h_self_in.device().is_cpu());
+  const int64_t b = h_self_in.size(0), n = h_self_in.size(1), c = h_self_in.size(2);
+  const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
+  const int64_t max_deg = check_csr_values(indptr, indices, n);
+  at::Tensor out = at::empty({b, n, c}, h_self_in.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
+  const at::Tensor logits = logits_in.to(acc_type(h_self)).contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const int64_t logits_stride_b = logits.dim() == 2 ? logits.size(1) : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_self.scalar_type(), "graph_message_passing_cpu", [&] {
+    forward_kernel<scalar_t>(h_self.data_ptr<scalar_t>(), Rows::of(h_self), h_nbr.data_ptr<scalar_t>(),
+                             Rows::of(h_nbr), logits.data_ptr<typename Acc<scalar_t>::type>(), logits_stride_b,
+                             indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(),
+                             bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), b, n, c,
+                             max_deg);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& h_self_in, const at::Tensor& h_nbr_in,
+    const at::Tensor& logits_in, const at::Tensor& indptr_in, const at::Tensor& indices_in,
+    std::array<bool, 4> output_mask) {
+  check_graph_message_passing_backward_args(grad_out_in, h_self_in, h_nbr_in, logits_in, indptr_in, indices_in);
+  TORCH_INTERNAL_ASSERT(h_self_in.device().is_cpu());
+  const int64_t b = h_self_in.size(0), n = h_self_in.size(1), c = h_self_in.size(2), e = indices_in.numel();
+  const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
+  check_csr_values(indptr, indices, n);
+  const auto [need_hs, need_hn, need_logits, need_bias] = output_mask;
+  const auto empty = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  at::Tensor grad_h_self = need_hs ? at::empty({b, n, c}, h_self_in.options()) : empty(h_self_in);
+  at::Tensor grad_h_nbr = need_hn ? at::empty({b, n, c}, h_self_in.options()) : empty(h_self_in);
+  at::Tensor grad_bias = need_bias ? grad_out_in.sum({0, 1}, false, acc_type(h_self_in)).to(h_self_in.scalar_type())
+                                   : empty(h_self_in);
+  const at::ScalarType acc = acc_type(h_self_in);
+  const bool per_face = logits_in.dim() == 2;
+  at::Tensor grad_logits_faces = need_logits ? at::empty({b, e}, logits_in.options().dtype(acc)) : at::Tensor();
+  if (b * n * c > 0 && (need_hs || need_hn || need_logits)) {
+    const at::Tensor grad_out = channels_contiguous(grad_out_in);
+    const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
+    const at::Tensor logits = logits_in.to(acc).contiguous();
+    const int64_t sets = per_face ? b : 1;
+    at::Tensor attn = at::empty({sets, e}, logits.options());
+    const Transposed tg = transpose(indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), n, e);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_self.scalar_type(),
+                                    "graph_message_passing_backward_cpu", [&] {
+      using A = typename Acc<scalar_t>::type;
+      softmax_kernel<A>(logits.data_ptr<A>(), indptr.data_ptr<int64_t>(), attn.data_ptr<A>(), sets, n, e);
+      backward_kernel<scalar_t>(
+          grad_out.data_ptr<scalar_t>(), Rows::of(grad_out), h_self.data_ptr<scalar_t>(), Rows::of(h_self),
+          h_nbr.data_ptr<scalar_t>(), Rows::of(h_nbr), attn.data_ptr<A>(), per_face ? e : 0,
+          indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), tg,
+          need_hs ? grad_h_self.data_ptr<scalar_t>() : nullptr, need_hn ? grad_h_nbr.data_ptr<scalar_t>() : nullptr,
+          need_logits ? grad_logits_faces.data_ptr<A>() : nullptr, b, n, c, e);
+    });
+  } else {
+    if (need_hs) grad_h_self.zero_();
+    if (need_hn) grad_h_nbr.zero_();
+    if (need_logits) grad_logits_faces.zero_();
+  }
+  at::Tensor grad_logits = empty(logits_in);
+  if (need_logits) {
+    grad_logits = (per_face ? grad_logits_faces : grad_logits_faces.sum(0)).to(logits_in.scalar_type());
+  }
+  return {grad_h_self, grad_h_nbr, grad_logits, grad_bias};
+}
+
+}  // namespace
+
+}  // namespace structalign
+
+TORCH_LIBRARY_IMPL(structalign, CPU, m) {
+  m.impl("graph_message_passing", &structalign::graph_message_passing_cpu);
+  m.impl("graph_message_passing_backward", &structalign::graph_message_passing_backward_cpu);
+}

@@ -1,0 +1,74 @@
+"""COCO-keypoints JSON reader, as MMPose ships its face annotations (method.md §4.3).
+
+Layout: ROOT/annotations/<name>_<split>.json (e.g. face_landmarks_wflw_train.json) and ROOT/images/<file_name>
+(or file_name relative to ROOT). Each annotation gives `keypoints` (K x [x, y, v]), `bbox` [x, y, w, h] and
+`image_id`; K picks the scheme (98, 68, 29). v = 0 marks an unlabelled point (visibility 0).
+"""
+import glob
+import json
+import os
+
+import numpy as np
+
+from structalign.data.records import DatasetError, FaceDataset, Problems, make_record
+from structalign.landmarks import scheme_for
+
+
+def annotation_path(root: str, split: str) -> str:
+    if os.path.isfile(split):
+        return split
+    matches = sorted(glob.glob(os.path.join(root, "annotations", f"*_{split}.json")) +
+                     glob.glob(os.path.join(root, f"*_{split}.json")))
+    if len(matches) != 1:
+        raise DatasetError(f"expected one COCO annotation file *_{split}.json under {root} or {root}/annotations, "
+                           f"found {len(matches)}: {matches}")
+    return matches[0]
+
+
+def _image_path(root: str, file_name: str) -> str:
+    in_images = os.path.join(root, "images", file_name)
+    return in_images if os.path.isfile(in_images) else os.path.join(root, file_name)
+
+
+def read_coco(root: str, split: str = "train", on_error: str = "raise") -> FaceDataset:
+    """Open the COCO-keypoints split whose file ends in _<split>.json (or split = a .json path)."""
+    path = annotation_path(root, split)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise DatasetError(f"{path}: a COCO file needs top-level 'images' and 'annotations' lists")
+    files = {im.get("id"): im.get("file_name") for im in data["images"]}
+    problems = Problems(on_error)
+    records, scheme = [], None
+    for entry, ann in enumerate(data["annotations"], start=1):
+        source = f"{path} annotation"
+        try:
+            keypoints = np.asarray(ann["keypoints"], dtype=np.float64).reshape(-1, 3)
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            file_name = files[ann["image_id"]]
+        except KeyError as e:
+            problems.report(source, entry, f"missing key {e} (or image_id without an image entry)")
+            continue
+        except (TypeError, ValueError) as e:
+            problems.report(source, entry, f"malformed keypoints or bbox: {e}")
+            continue
+        try:
+            entry_scheme = scheme_for(len(keypoints))
+        except ValueError as e:
+            problems.report(source, entry, str(e))
+            continue
+        if scheme is None:
+            scheme = entry_scheme
+        elif entry_scheme is not scheme:
+            problems.report(source, entry, f"{len(keypoints)} keypoints; earlier entries have {scheme.num_points}")
+            continue
+        record = make_record(problems, source, entry, _image_path(root, file_name), keypoints[:, :2],
+                             [x, y, x + w, y + h], visibility=(keypoints[:, 2] > 0).astype(np.float32))
+        if record is not None:
+            records.append(record)
+    if scheme is None:
+        raise DatasetError(f"{path}: no usable annotations")
+    return FaceDataset(records, scheme, f"coco:{os.path.basename(path)}", problems.skipped)

@@ -1,0 +1,187 @@
+"""The DALI augmentation pipeline: GPU ('mixed' decoder, GPU operators) on a CUDA device, DALI's CPU operators
+elsewhere; same contract and same draws as the reference pipeline (structalign/data/reference_pipeline.py).
+
+Python reads the encoded files and plans every sample (structalign/data/augment.py); DALI gets the bytes and the
+parameters through external sources and decodes only the region the crop can reach (ROI decoding), warps with the
+sample's matrix and moves the landmarks with the same matrix (fn.coord_transform), fills the occlusion rectangle
+(fn.erase), applies the colour transform as a 3 x 3 matrix per pixel, clamps and normalises. Batches are fed and
+scheduled explicitly, `prefetch` ahead, so an epoch can start at any batch (exact resume).
+
+    .venv/bin/python -m pytest -q tests/data/test_pipelines.py
+"""
+from collections import deque
+
+import numpy as np
+import torch
+from PIL import Image
+
+from structalign.data.augment import NORM_MEAN, NORM_STD, colour_transform, invert_affine, to_pixel_corner
+from structalign.data.batches import BatchSource
+from structalign.data.records import DatasetError
+
+_INPUTS = ("encoded", "roi_start", "roi_shape", "matrix", "points", "erase_anchor", "erase_shape", "erase_colour",
+           "colour_matrix", "colour_offset")
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _build_pipeline(batch_size: int, size: int, fill: float, device_id, num_threads: int, prefetch: int):
+    from nvidia.dali import fn, pipeline_def, types
+    import nvidia.dali.math as dmath
+
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True)
+    def augment():
+        src = {name: fn.external_source(name=name, dtype=types.UINT8 if name == "encoded" else
+                                        types.INT32 if name.startswith("roi") else types.FLOAT,
+                                        ndim=2 if name in ("matrix", "points", "colour_matrix") else 1)
+               for name in _INPUTS}
+        images = fn.decoders.image_slice(src["encoded"], src["roi_start"], src["roi_shape"], axis_names="WH",
+                                         device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                         adjust_orientation=False)
+        images = fn.warp_affine(images, matrix=src["matrix"], size=[size, size], fill_value=fill,
+                                inverse_map=False, dtype=types.FLOAT)
+        # Landmarks arrive ROI-relative in the pixel-corner convention, so the image's matrix applies unchanged.
+        points = fn.coord_transform(src["points"], MT=src["matrix"]) - 0.5
+        images = fn.erase(images, anchor=src["erase_anchor"], shape=src["erase_shape"],
+                          fill_value=src["erase_colour"], axis_names="HW")
+        pixels = fn.coord_transform(fn.reshape(images, shape=[-1, 3]), M=src["colour_matrix"],
+                                    T=src["colour_offset"])
+        images = dmath.clamp(fn.reshape(pixels, shape=[size, size, 3], layout="HWC"), 0.0, 255.0)
+        images = fn.crop_mirror_normalize(images, mean=list(NORM_MEAN), std=list(NORM_STD), output_layout="CHW",
+                                          dtype=types.FLOAT)
+        return images, points
+
+    pipe = augment()
+    pipe.build()
+    return pipe
+
+
+def _roi(inverse_corner: np.ndarray, size: int, width: int, height: int):
+    """(start, shape) int32[2] (x, y) of the source region the S x S crop samples, with a bilinear margin."""
+    corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
+    src = corners @ inverse_corner[:, :2].T + inverse_corner[:, 2]
+    lo = np.maximum(np.floor(src.min(axis=0)) - 2, 0)
+    hi = np.minimum(np.ceil(src.max(axis=0)) + 2, [width, height])
+    if np.any(hi <= lo):  # the crop misses the image entirely: every pixel is fill, any region will do
+        lo, hi = np.zeros(2), np.array([width, height], np.float64)
+    return lo.astype(np.int32), (hi - lo).astype(np.int32)
+
+
+class DaliLoader(BatchSource):
+    """make_loader(..., backend="dali"): a DALI pipeline with num_threads CPU threads, `prefetch` batches ahead."""
+
+    def __init__(self, ds, batch_size, train, device, num_threads: int = 2, prefetch: int = 2, **options):
+        super().__init__(ds, batch_size, train, device, **options)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda for the DALI pipeline, got {self.device}")
+        device_id = None
+        if self.device.type == "cuda":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", device_id)
+        fill = self.augment.fill if self.augment is not None else 127.0
+        self.prefetch = prefetch
+        self.pipe = _build_pipeline(batch_size, self.size, fill, device_id, num_threads, prefetch)
+        self._in_flight = deque()  # per scheduled run: (plans, indices, paths), or None for a priming run
+        self._primed = False
+        self._image_sizes = {}
+
+    def _image_size(self, index: int):
+        if index not in self._image_sizes:
+            path = self.ds[index].image_path
+            try:
+                with Image.open(path) as im:
+                    self._image_sizes[index] = im.size
+            except (OSError, ValueError) as e:
+                raise DatasetError(f"{path}: cannot read image header ({e})") from e
+        return self._image_sizes[index]
+
+    def _inputs(self, plans, indices):
+        feeds = {name: [] for name in _INPUTS}
+        for planned, index in zip(plans, indices):
+            path = self.ds[int(index)].image_path
+            try:
+                feeds["encoded"].append(np.fromfile(path, dtype=np.uint8))
+            except OSError as e:
+                raise DatasetError(f"{path}: cannot read image ({e})") from e
+            matrix = to_pixel_corner(planned.matrix)
+            start, shape = _roi(invert_affine(matrix), self.size, *self._image_size(int(index)))
+            roi_matrix = matrix.copy()
+            roi_matrix[:, 2] += matrix[:, :2] @ start
+            feeds["roi_start"].append(start)
+            feeds["roi_shape"].append(shape)
+            feeds["matrix"].append(roi_matrix.astype(np.float32))
+            feeds["points"].append((planned.landmarks + 0.5 - start).astype(np.float32))
+            draw = planned.draw
+            x0, y0, x1, y1 = draw.occlusion if draw.occlusion is not None else (0, 0, 0, 0)
+            feeds["erase_anchor"].append(np.array([y0, x0], np.float32))
+            feeds["erase_shape"].append(np.array([y1 - y0, x1 - x0], np.float32))
+            feeds["erase_colour"].append(np.asarray(draw.occlusion_colour, np.float32))
+            a, t = colour_transform(draw)
+            feeds["colour_matrix"].append(a.astype(np.float32))
+            feeds["colour_offset"].append(t.astype(np.float32))
+        return feeds
+
+    def _schedule(self, epoch: int, positions, indices) -> None:
+        plans = [self.planned(epoch, int(p), int(i)) for p, i in zip(positions, indices)]
+        for name, data in self._inputs(plans, indices).items():
+            self.pipe.feed_input(name, data)
+        self._in_flight.append((plans, indices))
+        if not self._primed:
+            # DALI's first schedule_run runs `prefetch` iterations at once; feed that many before it.
+            if len(self._in_flight) < self.prefetch:
+                return
+            self._primed = True
+        self.pipe.schedule_run()
+
+    def _collect(self):
+        plans, indices = self._in_flight.popleft()
+        try:
+            images, points = self.pipe.outputs()
+        except RuntimeError as e:
+            paths = [self.ds[int(i)].image_path for i in indices]
+            raise DatasetError(f"DALI failed on a batch of {paths}: {e}") from e
+        images = images.as_tensor()
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            out = torch.empty(images.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            out = torch.from_numpy(np.array(images))
+        return out, torch.from_numpy(np.array(points.as_tensor())), plans, indices
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        """Yield the Batches of epoch `epoch` from batch start_batch on."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        while self._in_flight and self._primed:  # runs left over by an epoch that was not read to the end
+            self._collect()
+        self._in_flight.clear()
+        batches = self.plan.batches(epoch, start_batch)
+        wanted = 0
+        for positions, indices in batches:
+            self._schedule(epoch, positions, indices)
+            wanted += 1
+            if wanted == self.prefetch:
+                break
+        while not self._primed and self._in_flight:  # an epoch shorter than the prefetch depth: pad the first run
+            plans, indices = self._in_flight[-1]
+            self._schedule(epoch, [0] * len(indices), indices)
+        collected = 0
+        while collected < wanted:
+            images, points, plans, indices = self._collect()
+            collected += 1
+            following = next(batches, None)
+            if following is not None:
+                self._schedule(epoch, *following)
+                wanted += 1
+            yield self.finish(images, points, plans, indices)

@@ -1,0 +1,105 @@
+"""The reference pipeline: numpy + PIL, run by a torch DataLoader; the oracle of the DALI pipeline and its fallback.
+
+Same contract and same draws as structalign/data/dali_pipeline.py (see structalign/data/augment.py): decode with PIL,
+warp with PIL's bilinear affine (fill grey outside the image), fill the occlusion rectangle, apply the colour
+transform, clamp, normalise. Tested by tests/data/test_pipelines.py; benchmarked by benchmarks/data.py.
+"""
+import numpy as np
+import torch
+from PIL import Image
+
+from structalign.data.augment import (NORM_MEAN, NORM_STD, PlannedSample, colour_transform, invert_affine,
+                                      to_pixel_corner, transform_points)
+from structalign.data.batches import BatchSource, SamplePlanner
+from structalign.data.records import DatasetError
+
+_MEAN = np.asarray(NORM_MEAN, np.float32)
+_STD = np.asarray(NORM_STD, np.float32)
+
+
+def read_rgb(path: str) -> Image.Image:
+    """The image at path as a decoded RGB PIL image; DatasetError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot read image ({e})") from e
+
+
+def augment_image(image: Image.Image, planned: PlannedSample, size: int, fill: float = 127.0) -> np.ndarray:
+    """The normalised crop (float32[3, S, S]) of image under planned's matrix, occlusion and colour transform."""
+    inverse = to_pixel_corner(invert_affine(planned.matrix))
+    grey = int(round(fill))
+    crop = image.transform((size, size), Image.AFFINE, data=tuple(inverse.ravel()), resample=Image.BILINEAR,
+                           fillcolor=(grey, grey, grey))
+    pixels = np.asarray(crop, dtype=np.float32).copy()
+    draw = planned.draw
+    if draw.occlusion is not None:
+        x0, y0, x1, y1 = draw.occlusion
+        pixels[y0:y1, x0:x1] = draw.occlusion_colour
+    a, t = colour_transform(draw)
+    pixels = np.clip(pixels @ a.T.astype(np.float32) + t.astype(np.float32), 0.0, 255.0)
+    return ((pixels - _MEAN) / _STD).transpose(2, 0, 1)
+
+
+def augment_landmarks(planned: PlannedSample) -> np.ndarray:
+    """planned's landmarks (float32[N, 2]) in crop pixels."""
+    return transform_points(planned.landmarks.astype(np.float64), planned.matrix).astype(np.float32)
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Keyed by (epoch, position, index): the augmented crop and landmarks of that sample."""
+
+    def __init__(self, planner: SamplePlanner, fill: float):
+        self.planner, self.fill = planner, fill
+
+    def __len__(self) -> int:
+        return len(self.planner.ds)
+
+    def __getitem__(self, key):
+        planned = self.planner(*key)
+        image = augment_image(read_rgb(self.planner.ds[key[2]].image_path), planned, self.planner.size, self.fill)
+        return image, augment_landmarks(planned), key
+
+
+def _collate(items):
+    images, landmarks, keys = zip(*items)
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(landmarks)), keys
+
+
+class _EpochSampler:
+    """The batch sampler of the DataLoader: batches of sample keys of the epoch set by `select`."""
+
+    def __init__(self, source: BatchSource):
+        self.source, self.epoch, self.start_batch = source, 0, 0
+
+    def select(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return len(self.source) - self.start_batch
+
+    def __iter__(self):
+        for positions, indices in self.source.plan.batches(self.epoch, self.start_batch):
+            yield [(self.epoch, int(p), int(i)) for p, i in zip(positions, indices)]
+
+
+class ReferenceLoader(BatchSource):
+    """make_loader(..., backend="reference"): num_threads DataLoader worker processes (0 = in this process)."""
+
+    def __init__(self, ds, batch_size, train, device, num_threads: int = 2, **options):
+        super().__init__(ds, batch_size, train, device, **options)
+        fill = self.augment.fill if self.augment is not None else 127.0
+        self.sampler = _EpochSampler(self)
+        self.loader = torch.utils.data.DataLoader(
+            _Samples(self.planned, fill), batch_sampler=self.sampler, num_workers=num_threads, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", persistent_workers=num_threads > 0)
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        """Yield the Batches of epoch `epoch` from batch start_batch on."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.sampler.select(epoch, start_batch)
+        for images, landmarks, keys in self.loader:
+            plans = [self.planned(*key) for key in keys]
+            yield self.finish(images, landmarks, plans, [key[2] for key in keys])

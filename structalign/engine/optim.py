@@ -1,0 +1,106 @@
+"""Optimisers (SGD, Adam, AdamW, LAMB), the learning-rate schedule and linear LR scaling by the global batch.
+
+The schedule is a pure function of the optimiser step (warm-up, then multi-step, cosine or constant), wrapped in a
+LambdaLR so that its position is saved and restored with the checkpoint.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from structalign.engine.config import OptimConfig
+
+
+class LAMB(torch.optim.Optimizer):
+    """Adam moments with a per-tensor trust ratio ||w|| / ||update|| (You et al., ICLR 2020), for large batches.
+
+    Decoupled weight decay is part of the update; tensors with one dimension (biases, norms) skip decay and trust ratio.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(p.grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (exp_avg / (1 - beta1 ** t)) / ((exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
+                if p.ndim > 1:
+                    update.add_(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                    update.mul_(trust)
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """Linear scaling rule: lr * global_batch / base_batch_size (Goyal et al. 2017)."""
+    return cfg.lr * global_batch / cfg.base_batch_size
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimiser named by cfg.name over model's trainable parameters, at learning rate lr."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "lamb":
+        return LAMB(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim.name: unknown optimiser {cfg.name!r}")
+
+
+@dataclass
+class Schedule:
+    """LR factor at an optimiser step: linear warm-up, then multi-step decay, cosine decay or constant.
+
+    A callable object rather than a closure, so LambdaLR's state_dict keeps it as plain data.
+    """
+
+    kind: str
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    milestones: tuple = ()
+    gamma: float = 0.1
+    min_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "multistep":
+            epoch = step // self.steps_per_epoch
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, (step - self.warmup_steps) / span)
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
+    """LambdaLR over `Schedule`, stepped once per optimiser step."""
+    schedule = Schedule(kind=cfg.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * epochs,
+                        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), milestones=tuple(cfg.milestones),
+                        gamma=cfg.gamma, min_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

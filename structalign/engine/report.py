@@ -1,0 +1,122 @@
+"""Evaluation of a checkpoint on a dataset split, and the files it writes: metrics JSON, Markdown report, per-image
+error CSV, CED plot and landmark overlays.
+
+    structalign eval runs/demo/best.pt --data data/synth-demo --out runs/demo/eval
+"""
+import csv
+import json
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from structalign import metrics
+from structalign.data import make_loader, open_dataset
+from structalign.engine.distributed import setup_distributed, teardown_distributed
+from structalign.engine.evaluate import EvalResult, evaluate
+from structalign.engine.train import autocast_for
+from structalign.export import model_from_checkpoint
+
+
+def draw_overlay(image_path: str, points: np.ndarray, out_path: str, reference: np.ndarray | None = None,
+                 box=None) -> str:
+    """Save image_path with points (ndarray[N, 2], image pixels) in red, reference points in green, box in yellow."""
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except OSError as exc:
+        raise ValueError(f"cannot read image {image_path!r}: {exc}") from None
+    draw = ImageDraw.Draw(image)
+    radius = max(1.0, max(image.size) / 200)
+    if box is not None:
+        draw.rectangle([float(v) for v in box], outline=(255, 220, 0), width=max(1, int(radius)))
+    layers = ([(reference, (40, 220, 40))] if reference is not None else []) + [(points, (255, 40, 40))]
+    for pts, colour in layers:
+        # Dataset coordinates put pixel centres at integers, as PIL's drawing coordinates do.
+        for x, y in np.asarray(pts, dtype=np.float64):
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    image.save(out_path)
+    return out_path
+
+
+def write_report(result: EvalResult, dataset, out_dir: str, title: str, overlays: int = 8) -> dict:
+    """Write metrics.json, report.md, per_image.csv, ced.png and a few overlays (worst, median and best images)."""
+    os.makedirs(out_dir, exist_ok=True)
+    summary = result.summary()
+    subsets = metrics.subset_table(result.errors, result.attributes) if result.attributes is not None else None
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({"title": title, "summary": summary, "subsets": _plain(subsets)}, f, indent=1)
+    with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "image", "nme"])
+        for i, err in enumerate(result.errors):
+            writer.writerow([i, dataset[i].image_path, f"{err:.6f}"])
+    metrics.plot_ced({title: result.errors}, os.path.join(out_dir, "ced.png"))
+    order = np.argsort(result.errors)
+    ranks = np.linspace(0, len(order) - 1, min(overlays, len(order))).round().astype(int)
+    picks = sorted({int(order[k]) for k in ranks})
+    pictures = []
+    for i in picks:
+        name = f"overlay_{i:05d}_nme{100 * result.errors[i]:.2f}.png"
+        draw_overlay(dataset[i].image_path, result.predictions[i], os.path.join(out_dir, name),
+                     reference=result.targets[i])
+        pictures.append(name)
+    lines = [f"# {title}", "", "| images | NME % | FR@0.1 % | AUC@0.1 | NME occluded points % |", "|---|---|---|---|---|",
+             f"| {summary['images']} | {summary['nme']:.3f} | {summary['fr']:.2f} | {summary['auc']:.4f} | "
+             f"{_num(summary['nme_occluded'])} |", "",
+             "NME normalised by the inter-ocular distance (outer eye corners); FR and AUC at 0.1.", ""]
+    if subsets:
+        keys = list(next(iter(subsets.values())).keys())
+        lines += ["| subset | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(_num(row[k]) for k in keys) + " |" for name, row in subsets.items()]
+        lines.append("")
+    lines += ["![CED](ced.png)", "", "Red: prediction, green: ground truth.", ""]
+    lines += [f"![{p}]({p})" for p in pictures]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"summary": summary, "subsets": _plain(subsets), "overlays": [os.path.join(out_dir, p) for p in pictures]}
+
+
+def evaluate_checkpoint(checkpoint: str, root: str, fmt: str = "wflw", split: str = "test",
+                        out_dir: str | None = None, weights: str = "ema", batch_size: int = 64,
+                        loader: str = "reference", device: str = "auto") -> dict:
+    """Evaluate a checkpoint on a split (all ranks under torchrun); rank 0 writes the report when out_dir is given."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data: {root!r} is not a directory")
+    env = setup_distributed(device)
+    try:
+        model, state = model_from_checkpoint(checkpoint, weights=weights, device=env.device)
+        dataset = open_dataset(root, fmt=fmt, split=split)
+        if dataset.scheme.name != state["model_args"]["scheme"]:
+            raise ValueError(f"{root} ({fmt}, {split}) has {dataset.scheme.name} landmarks but the checkpoint's model "
+                             f"predicts {state['model_args']['scheme']}")
+        data = make_loader(dataset, batch_size, train=False, device=env.device,
+                           image_size=state["model_args"]["image_size"], backend=loader, shard_id=env.rank,
+                           num_shards=env.world_size, drop_last=False)
+        precision = state["config"]["train"]["precision"]
+        result = evaluate(model, data, dataset, env, autocast_for(precision, env.device))
+        title = f"{os.path.basename(os.path.normpath(root))} {split}"
+        if out_dir is not None and env.is_main:
+            return write_report(result, dataset, out_dir, title)
+        return {"summary": result.summary()}
+    finally:
+        teardown_distributed(env)
+
+
+def _num(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{float(value):.4g}"
+
+
+def _plain(value):
+    """numpy scalars/arrays inside nested dicts as JSON-ready Python values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

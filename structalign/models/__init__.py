@@ -1,0 +1,33 @@
+"""Face-alignment models: ResNet backbones, map-to-node necks, the L-GRN head and the FC baseline.
+
+    from structalign.models import build_model
+    model = build_model("lgrn", "resnet34", "wflw98", image_size=256)    # model(images) -> Tensor[B, 98, 2] (px)
+"""
+from structalign.models.build import build_model
+from structalign.models.fc import FCHead
+from structalign.models.landmark_graphs import (knn_neighbors, laplacian_relations, message_graph, resolve_scheme,
+                                                scheme_from_mean_shape)
+from structalign.models.lgrn import GraphConv, LGRNHead, RelationLearner
+from structalign.models.map_to_node import MapToNode, MultiScaleMapToNode
+from structalign.models.regressor import LandmarkRegressor, standardize
+from structalign.models.resnet import ResNet, from_torchvision_keys, load_backbone_weights
+
+__all__ = [
+    "FCHead",
+    "GraphConv",
+    "LGRNHead",
+    "LandmarkRegressor",
+    "MapToNode",
+    "MultiScaleMapToNode",
+    "RelationLearner",
+    "ResNet",
+    "build_model",
+    "from_torchvision_keys",
+    "knn_neighbors",
+    "laplacian_relations",
+    "load_backbone_weights",
+    "message_graph",
+    "resolve_scheme",
+    "scheme_from_mean_shape",
+    "standardize",
+]

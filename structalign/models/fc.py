@@ -1,0 +1,16 @@
+"""The FC-regression baseline head (method.md §1.6): flatten out4 -> Linear -> ReLU -> Linear to 2N coordinates."""
+import torch
+from torch import nn
+
+
+class FCHead(nn.Module):
+    """forward(out4 (Tensor[B, C, g, g])) -> Tensor[B, N, 2] landmark offsets."""
+
+    def __init__(self, in_features: int, num_points: int, width: int = 256):
+        super().__init__()
+        self.num_points = num_points
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(inplace=True),
+                                 nn.Linear(width, 2 * num_points))
+
+    def forward(self, out4: torch.Tensor) -> torch.Tensor:
+        return self.net(out4).view(-1, self.num_points, 2)

@@ -1,0 +1,81 @@
+"""LandmarkRegressor: images -> landmark (x, y) in pixels of the input image (pixel-centre convention).
+
+    images -> [resize to image_size] -> per-image z-score -> backbone -> neck -> head -> offsets (px)
+    landmarks = (shape_prior * image_size + offsets) * (W, H) / image_size
+
+shape_prior (learned, Tensor[N, 2] in units of the image side) starts at the mean shape given to the builder (or at
+the image centre), so the head only regresses each face's offset from it; the paper regresses pixels directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from structalign.landmarks import LandmarkScheme
+from structalign.models.lgrn import LGRNHead
+
+
+def standardize(images: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel z-score (method.md §1.6). images (Tensor[B, 3, H, W]) -> same shape."""
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    std = images.std(dim=(2, 3), keepdim=True, unbiased=False)
+    # A flat channel (std 0) maps to 0 instead of dividing by zero.
+    return (images - mean) / std.clamp_min(1e-6)
+
+
+class LandmarkRegressor(nn.Module):
+    """Backbone + neck + head + learned shape prior.
+
+    forward(images (Tensor[B, 3, H, W], any float range)) -> Tensor[B, N, 2], pixels of the input image.
+    neck is None for the FC head (it reads the backbone's out4 directly).
+    """
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module | None, head: nn.Module, scheme: LandmarkScheme,
+                 image_size: int, mean_shape: torch.Tensor, normalize_input: bool = True):
+        super().__init__()
+        self.backbone, self.neck, self.head = backbone, neck, head
+        self.scheme, self.image_size, self.normalize_input = scheme, image_size, normalize_input
+        self.shape_prior = nn.Parameter(mean_shape.detach().float().clone() / image_size)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            raise TypeError(f"images must be a floating torch.Tensor, got {getattr(images, 'dtype', type(images))}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape [B, 3, H, W], got {list(images.shape)}")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return standardize(images) if self.normalize_input else images
+
+    def features(self, images: torch.Tensor) -> dict:
+        """Backbone maps {"out1".."out4"} of the prepared images."""
+        return self.backbone(self._prepare(images))
+
+    def head_input(self, features: dict) -> tuple:
+        """The head's positional inputs from the backbone maps (what `head` is called with)."""
+        if self.neck is None:
+            return (features["out4"],)
+        pooled = features["out4"].mean(dim=(2, 3)) if self.head.relation_learner is not None else None
+        return self.neck(features), pooled
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.features(images)
+        h, w = images.shape[-2:]
+        offsets = self.head(*self.head_input(features))
+        points = self.shape_prior.to(offsets.dtype) * self.image_size + offsets
+        if (h, w) != (self.image_size, self.image_size):
+            points = points * points.new_tensor([w / self.image_size, h / self.image_size])
+        return points
+
+    @torch.no_grad()
+    def adjacency(self, images: torch.Tensor) -> torch.Tensor:
+        """Neighbour weights the L-GRN head applies to each image: Tensor[B, L, N, N] (L graph convs), rows sum to 1."""
+        if not isinstance(self.head, LGRNHead):
+            raise ValueError("adjacency exists only for the L-GRN head (arch='lgrn')")
+        nodes, pooled = self.head_input(self.features(images))
+        return self.head.adjacency(pooled, batch=nodes.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme.name}, image_size={self.image_size}, normalize_input={self.normalize_input}"
+

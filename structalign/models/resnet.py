@@ -1,0 +1,186 @@
+"""ResNet-18/34/50 backbones (He et al. 2016) returning the stride-4/8/16/32 maps, and loading of local weights.
+
+The module names are our own (stem, stage1..stage4, shortcut); `load_backbone_weights` also accepts a
+torchvision-format ResNet state_dict (conv1 / layer1 / downsample / fc) and maps its keys. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+# name -> (block kind, blocks per stage)
+ARCHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
+
+
+class Shortcut(nn.Sequential):
+    """1x1 strided conv + BN projection on the identity path where shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, bn_momentum: float):
+        super().__init__(OrderedDict(conv=nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                     bn=nn.BatchNorm2d(cout, momentum=bn_momentum)))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int, bn_momentum: float):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width, momentum=bn_momentum)
+        self.conv2 = nn.Conv2d(width, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, momentum=bn_momentum)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = Shortcut(cin, cout, stride, bn_momentum) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        identity = x if self.shortcut is None else self.shortcut(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int, bn_momentum: float):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width, momentum=bn_momentum)
+        # Stride on the 3x3 conv (torchvision's "ResNet v1.5"), so torchvision weights mean the same thing here.
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width, momentum=bn_momentum)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout, momentum=bn_momentum)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = Shortcut(cin, cout, stride, bn_momentum) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        identity = x if self.shortcut is None else self.shortcut(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet trunk without the classifier.
+
+    forward(x (Tensor[B, 3, H, W])) -> {"out1".."out4"}: maps at strides 4, 8, 16, 32 with `channels[k]` channels.
+    width: channels of stage 1 (64 for the standard nets; smaller for tests and tiny demos).
+    """
+
+    def __init__(self, arch: str = "resnet34", width: int = 64, bn_momentum: float = 0.1):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"backbone must be one of {sorted(ARCHS)}, got {arch!r}")
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"backbone width must be a positive int, got {width!r}")
+        kind, depths = ARCHS[arch]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        self.arch, self.width = arch, width
+        self.stem = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(3, width, 7, 2, 3, bias=False), bn=nn.BatchNorm2d(width, momentum=bn_momentum),
+            relu=nn.ReLU(inplace=True), pool=nn.MaxPool2d(3, 2, 1)))
+        cin, channels = width, []
+        for k, depth in enumerate(depths):
+            stage_width = width * 2 ** k
+            blocks = []
+            for b in range(depth):
+                blocks.append(block(cin, stage_width, 2 if (b == 0 and k > 0) else 1, bn_momentum))
+                cin = stage_width * block.expansion
+            setattr(self, f"stage{k + 1}", nn.Sequential(*blocks))
+            channels.append(cin)
+        self.channels = tuple(channels)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        x = self.stem(x)
+        out1 = self.stage1(x)
+        out2 = self.stage2(out1)
+        out3 = self.stage3(out2)
+        return {"out1": out1, "out2": out2, "out3": out3, "out4": self.stage4(out3)}
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, width={self.width}, channels={self.channels}"
+
+
+_TORCHVISION_RULES = (
+    (re.compile(r"^conv1\."), "stem.conv."),
+    (re.compile(r"^bn1\."), "stem.bn."),
+    (re.compile(r"^layer(\d)\."), r"stage\1."),
+    (re.compile(r"\.downsample\.0\."), ".shortcut.conv."),
+    (re.compile(r"\.downsample\.1\."), ".shortcut.bn."),
+)
+
+
+def from_torchvision_keys(state_dict: dict) -> dict:
+    """Rename a torchvision ResNet state_dict's keys to ours; the classifier (fc.*) is dropped."""
+    mapped = {}
+    for key, value in state_dict.items():
+        if key.startswith("fc."):
+            continue
+        for pattern, repl in _TORCHVISION_RULES:
+            key = pattern.sub(repl, key)
+        mapped[key] = value
+    return mapped
+
+
+def _strip_prefixes(state_dict: dict) -> dict:
+    """Drop wrappers' prefixes (DDP "module.", torch.compile "_orig_mod."); of a whole model keep "backbone.*"."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    if any(k.startswith("backbone.") for k in out):
+        out = {k[len("backbone."):]: v for k, v in out.items() if k.startswith("backbone.")}
+    return out
+
+
+def read_state_dict(source) -> dict:
+    """A state_dict from a path (torch.save file, loaded with weights_only=True) or a mapping."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"backbone_weights file {path!r} does not exist")
+        try:
+            source = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"backbone_weights file {path!r} is not a readable torch state_dict: {exc}") from exc
+        if isinstance(source, dict) and isinstance(source.get("state_dict"), dict):
+            source = source["state_dict"]
+    if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
+        raise ValueError("backbone_weights must be a path or a mapping of parameter names to tensors")
+    return dict(source)
+
+
+def load_backbone_weights(backbone: ResNet, source) -> None:
+    """Load a local state_dict (ours or torchvision's layout; path or mapping) into `backbone`, strictly.
+
+    Raises ValueError naming missing / unexpected keys or the first shape mismatch (e.g. resnet18 weights offered to
+    a resnet50).
+    """
+    state = _strip_prefixes(read_state_dict(source))
+    if "conv1.weight" in state or any(k.startswith("layer1.") for k in state):
+        state = from_torchvision_keys(state)
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"backbone_weights do not fit {backbone.arch} (width {backbone.width}): "
+                         f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ValueError(f"backbone_weights[{key!r}] has shape {list(value.shape)}, "
+                             f"the {backbone.arch} expects {list(own[key].shape)}")
+    backbone.load_state_dict(state)

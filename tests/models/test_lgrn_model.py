@@ -1,0 +1,148 @@
+"""The L-GRN model and its baselines: shapes, adjacency, graph convolution, geometry, bad input.
+
+    .venv/bin/python -m pytest -q tests/models/test_lgrn_model.py
+"""
+import numpy as np
+import pytest
+import torch
+
+from structalign.landmarks import COFW29, IBUG68, WFLW98
+from structalign.models import (GraphConv, LGRNHead, build_model, knn_neighbors, message_graph,
+                                scheme_from_mean_shape)
+from structalign.ops.graph import LandmarkGraph
+
+TINY = dict(backbone="resnet18", image_size=64, head_width=16, num_blocks=1, backbone_width=8, op_backend="reference")
+
+
+@pytest.mark.parametrize("scheme", ["wflw98", "300w68", "cofw29"])
+@pytest.mark.parametrize("adjacency", ["static", "dynamic"])
+def test_output_shape_per_scheme_and_adjacency(scheme, adjacency):
+    model = build_model(scheme=scheme, adjacency=adjacency, **TINY)
+    n = {"wflw98": 98, "300w68": 68, "cofw29": 29}[scheme]
+    out = model(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, n, 2)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(arch="fc"), dict(map_to_node="multiscale"), dict(backbone="resnet50"),
+                                dict(backbone="resnet34", image_size=96)])
+def test_variants_forward(kw):
+    model = build_model(**{**TINY, **kw})
+    size = kw.get("image_size", 64)
+    assert model(torch.rand(2, 3, size, size)).shape == (2, 98, 2)
+
+
+def test_graphs_of_the_schemes():
+    assert message_graph(WFLW98).num_edges == 470  # the RelationLearner's output size in the paper's code
+    assert message_graph(IBUG68).num_edges == 68 + 2 * len(IBUG68.edges)
+    assert message_graph(COFW29).num_edges == 29 + 2 * len(COFW29.edges)
+
+
+def test_per_image_adjacency_rows_sum_to_one_and_differ_between_images():
+    model = build_model(adjacency="dynamic", **TINY).eval()
+    torch.nn.init.normal_(model.head.relation_learner.net[-1].weight, std=1.0)
+    adj = model.adjacency(torch.rand(3, 3, 64, 64))
+    assert adj.shape == (3, 4, 98, 98)
+    torch.testing.assert_close(adj.sum(-1), torch.ones(3, 4, 98))
+    mask = message_graph(WFLW98).dense_mask()
+    assert (adj[:, :, ~mask] == 0).all()
+    assert not torch.allclose(adj[0], adj[1])
+    torch.testing.assert_close(adj[:, 0], adj[:, 3])  # one predicted adjacency shared by every layer
+
+
+def test_static_adjacency_starts_uniform_over_each_neighbourhood():
+    model = build_model(**TINY)
+    adj = model.adjacency(torch.rand(2, 3, 64, 64))
+    degree = message_graph(WFLW98).dense_mask().sum(1).float()
+    torch.testing.assert_close(adj.amax(-1), (1 / degree).expand(2, 4, 98))
+
+
+def test_graph_conv_matches_the_dense_semgraphconv_formula():
+    graph = LandmarkGraph.from_edges(5, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 0), (0, 2)])
+    conv = GraphConv(6, 3, graph, op_backend="reference")
+    torch.nn.init.normal_(conv.edge_logits)
+    x = torch.randn(2, 5, 6)
+    mask = graph.dense_mask()
+    dense = torch.full((5, 5), -9e15)
+    dense[graph.rows, graph.indices] = conv.edge_logits.detach()
+    a = torch.softmax(dense, dim=1)
+    eye = torch.eye(5)
+    expected = (a * eye) @ (x @ conv.weight[0]) + (a * (1 - eye) * mask) @ (x @ conv.weight[1]) + conv.bias
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_output_is_the_shape_prior_when_the_head_is_silent():
+    mean_shape = np.random.default_rng(0).uniform(10, 54, size=(98, 2))
+    model = build_model(mean_shape=mean_shape, **TINY).eval()
+    torch.nn.init.zeros_(model.head.output.weight)
+    torch.nn.init.zeros_(model.head.output.bias)
+    out = model(torch.rand(2, 3, 64, 64))
+    torch.testing.assert_close(out, torch.as_tensor(mean_shape, dtype=torch.float32).expand(2, -1, -1))
+    # A 128 px input is resized to the network's 64 px and the points scaled back (pixel-centre convention).
+    torch.testing.assert_close(model(torch.rand(1, 3, 128, 96)),
+                               (torch.as_tensor(mean_shape, dtype=torch.float32) * torch.tensor([1.5, 2.0]))[None])
+
+
+def test_other_input_size_is_resized_and_scaled_back():
+    model = build_model(**TINY).eval()
+    big = torch.rand(2, 3, 128, 128)
+    small = torch.nn.functional.interpolate(big, size=(64, 64), mode="bilinear", align_corners=False,
+                                            antialias=True)
+    torch.testing.assert_close(model(big), model(small) * 2)
+
+
+def test_channels_last_gives_the_same_output():
+    model = build_model(**TINY).eval()
+    x = torch.rand(2, 3, 64, 64)
+    ref = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_input_normalisation_makes_the_model_invariant_to_intensity_scale():
+    model = build_model(**TINY).eval()
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(model(x * 255.0), model(x), rtol=1e-4, atol=1e-3)
+
+
+def test_custom_scheme_from_a_mean_shape():
+    square = [(0, 0), (1, 0), (1, 1), (0, 1), (0.5, 0.5), (0.5, 2.0)]
+    assert knn_neighbors(square, 1) == ((4,), (4,), (4,), (4,), (0,), (2,))
+    scheme = scheme_from_mean_shape("kite6", square, flip=(1, 0, 3, 2, 4, 5), ocular=(0, 1), k=2)
+    model = build_model(scheme=scheme, **TINY)
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 6, 2)
+    with pytest.raises(ValueError, match="own inverse"):
+        scheme_from_mean_shape("bad", square, flip=(1, 2, 0, 3, 4, 5), ocular=(0, 1))
+    with pytest.raises(ValueError, match="k must be"):
+        knn_neighbors(square, 6)
+    with pytest.raises(ValueError, match="NaN"):
+        knn_neighbors([(0, 0), (np.nan, 1)], 1)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(image_size=100), "multiple of 32"),
+    (dict(adjacency="learned"), "adjacency"),
+    (dict(map_to_node="pooled"), "map_to_node"),
+    (dict(arch="hrnet"), "arch"),
+    (dict(backbone="resnet101"), "backbone"),
+    (dict(op_backend="cuda"), "op_backend"),
+    (dict(head_width=0), "head_width"),
+    (dict(scheme="wflw99"), "no landmark scheme"),
+    (dict(mean_shape=np.zeros((68, 2))), r"mean_shape must have shape \[98, 2\]"),
+    (dict(mean_shape=np.full((98, 2), np.nan)), "NaN"),
+])
+def test_bad_build_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(**{**TINY, **kw})
+
+
+def test_bad_images_and_node_count_mismatch():
+    model = build_model(**TINY)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.rand(2, 1, 64, 64))
+    with pytest.raises(TypeError, match="floating"):
+        model(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    head = LGRNHead(16, message_graph(WFLW98), width=8, num_blocks=0)
+    with pytest.raises(ValueError, match=r"\[B, 98, F\]"):
+        head(torch.rand(2, 68, 16))

@@ -1,0 +1,96 @@
+"""Metrics on constructed cases with known per-image errors, and bad input.
+
+    .venv/bin/python -m pytest -q tests/test_metrics.py
+"""
+import numpy as np
+import pytest
+import torch
+
+from structalign.landmarks import COFW29, IBUG68, WFLW98
+from structalign.metrics import (ced_curve, per_image_nme, per_point_error, plot_ced, subset_table, summarize)
+
+
+def faces(scheme, batch, ocular_distance=40.0, seed=0):
+    """Random landmarks with the outer eye corners exactly `ocular_distance` apart."""
+    pts = np.random.default_rng(seed).uniform(0, 100, size=(batch, scheme.num_points, 2))
+    i, j = scheme.ocular
+    pts[:, i] = (30.0, 50.0)
+    pts[:, j] = (30.0 + ocular_distance, 50.0)
+    return pts
+
+
+@pytest.mark.parametrize("scheme", [WFLW98, IBUG68, COFW29])
+def test_known_per_image_errors(scheme):
+    target = faces(scheme, 3)
+    shifts = np.array([0.02, 0.05, 0.2]) * 40.0  # every point moved by e_n * d_n
+    angle = np.random.default_rng(1).uniform(0, 2 * np.pi, size=(3, scheme.num_points))
+    pred = target + shifts[:, None, None] * np.stack([np.cos(angle), np.sin(angle)], -1)
+    np.testing.assert_allclose(per_image_nme(pred, target, scheme.name), [0.02, 0.05, 0.2])
+    np.testing.assert_allclose(per_point_error(torch.tensor(pred), torch.tensor(target), scheme.num_points),
+                               np.repeat([[0.02], [0.05], [0.2]], scheme.num_points, 1), rtol=1e-5)
+
+
+def test_inter_pupil_uses_pupil_group_centroids():
+    target = faces(IBUG68, 1)
+    target[0, 36:42] = (10.0, 0.0)
+    target[0, 42:48] = (10.0, 25.0)
+    pred = target + np.array([0.0, 2.5])
+    np.testing.assert_allclose(per_image_nme(pred, target, "300w68", norm="inter_pupil"), [0.1])
+
+
+def test_summary_values():
+    errors = np.array([0.02, 0.05, 0.12, 0.08])
+    s = summarize(errors)
+    assert s["nme"] == pytest.approx(6.75)
+    assert s["fr"] == pytest.approx(25.0)
+    # AUC = mean(max(0, 0.1 - e)) / 0.1 = (0.08 + 0.05 + 0 + 0.02) / 4 / 0.1
+    assert s["auc"] == pytest.approx(0.375)
+    grid, ced = ced_curve(errors, steps=100001)
+    assert np.trapezoid(ced, grid) / 0.1 == pytest.approx(s["auc"], abs=1e-4)
+    np.testing.assert_allclose(ced_curve(errors, steps=5)[1], [0, 0.25, 0.5, 0.5, 0.75])
+    assert summarize([0.0, 0.0]) == {"nme": 0.0, "fr": 0.0, "auc": 1.0}
+    assert summarize([0.1, 0.3], threshold=0.1)["fr"] == 50.0  # e = threshold is not a failure
+
+
+def test_subset_table():
+    errors = np.array([0.02, 0.05, 0.12, 0.08])
+    attributes = np.zeros((4, 6), dtype=int)
+    attributes[[0, 2], 0] = 1  # pose
+    attributes[3, 4] = 1  # occlusion
+    table = subset_table(errors, attributes)
+    assert table["full"]["count"] == 4 and table["full"]["nme"] == pytest.approx(6.75)
+    assert table["pose"] == pytest.approx({"nme": 7.0, "fr": 50.0, "auc": 0.4, "count": 2})
+    assert table["occlusion"]["nme"] == pytest.approx(8.0)
+    assert table["blur"]["count"] == 0 and np.isnan(table["blur"]["nme"])
+    with pytest.raises(ValueError, match=r"attributes must have shape \[4, 6\]"):
+        subset_table(errors, attributes[:, :5])
+    with pytest.raises(ValueError, match="0/1 flags"):
+        subset_table(errors, attributes * 2)
+
+
+def test_plot_ced_writes_a_png(tmp_path):
+    path = tmp_path / "ced.png"
+    plot_ced({"lgrn": [0.02, 0.05, 0.12], "fc": [0.04, 0.09, 0.2]}, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        plot_ced({"lgrn": [0.02]}, tmp_path / "missing" / "ced.png")
+
+
+def test_bad_input():
+    target = faces(WFLW98, 2)
+    target[1, 72] = target[1, 60]
+    with pytest.raises(ValueError, match="inter-ocular distance is zero for image 1"):
+        per_image_nme(target, target, "wflw98")
+    target = faces(WFLW98, 2)
+    pred = target.copy()
+    pred[0, 7, 1] = np.nan
+    with pytest.raises(ValueError, match=r"pred has NaN or infinite coordinates \(image 0, landmark 7\)"):
+        per_image_nme(pred, target, "wflw98")
+    with pytest.raises(ValueError, match="pred has 68 landmarks but the scheme has 98"):
+        per_image_nme(faces(IBUG68, 1), target, "wflw98")
+    with pytest.raises(ValueError, match="norm must be"):
+        per_image_nme(target, target, "wflw98", norm="bbox")
+    with pytest.raises(ValueError, match="errors must be"):
+        summarize([])
+    with pytest.raises(ValueError, match="finite"):
+        summarize([0.1, np.nan])
