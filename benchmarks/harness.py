@@ -81,10 +81,11 @@ def peak_bytes(fn, device: torch.device) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Replay the allocation events in order to find the high-water mark of live bytes.
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    # Self usage only: an op's cpu_memory_usage also counts its children's allocations (nested ops would count twice).
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     live = peak = 0
     for e in events:
-        live += e.cpu_memory_usage
+        live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
 

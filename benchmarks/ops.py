@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     # One compiled reference per shape and logits layout; allow them all without hitting the recompile limit.
     torch._dynamo.config.recompile_limit = 64
+    # "backward" replays one graph (retain_graph=True), which compiled backwards with donated buffers refuse.
+    torch._functorch.config.donated_buffer = False
     torch.manual_seed(0)
     cases = []
     if args.op in (None, GMP):

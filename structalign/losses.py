@@ -200,7 +200,7 @@ class LandmarkCriterion(nn.Module):
                                  f"got {list(getattr(visibility, 'shape', []))}")
 
     def _relative(self, pred, target, visibility):
-        if self.name in FUSED_CRITERIA:
+        if self.name in FUSED_CRITERIA and hasattr(self.point_loss, "op_params"):
             return relative_location_loss(pred, target, self.relations, visibility, self.name,
                                           reduction="mean", backend=self.op_backend, **self.point_loss.op_params())
         # Criteria the fused op lacks: the op gives |delta(pred) - delta(target)| per relation, the loss follows.

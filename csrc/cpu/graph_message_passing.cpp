@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "graph_message_passing.h"
@@ -45,6 +46,87 @@ at::ScalarType acc_type(const at::Tensor& h) {
   return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The fp32 loops are compiled for AVX-512, AVX2 and the baseline ISA (the extension is built without -march); the
+// dynamic loader picks the widest the CPU supports.
+#define STRUCTALIGN_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define STRUCTALIGN_SIMD_CLONES
+#endif
+
+// Channel loops over one row: y = a x (+ bias), y += a x, <x, y>, and y = a x stored in T. Generic versions go
+// through the accumulation type; the fp32 overloads are the multi-ISA hot path.
+template <typename T, typename A>
+void scale_into(A a, const T* x, const T* bias, A* y, int64_t c) {
+  if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * gmp::load(x[ch]) + gmp::load(bias[ch]);
+  } else {
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * gmp::load(x[ch]);
+  }
+}
+template <typename T, typename A>
+void axpy(A a, const T* x, A* y, int64_t c) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < c; ++ch) y[ch] += a * gmp::load(x[ch]);
+}
+template <typename T>
+typename Acc<T>::type dot(const T* x, const T* y, int64_t c) {
+  typename Acc<T>::type d = 0;
+#pragma omp simd reduction(+ : d)
+  for (int64_t ch = 0; ch < c; ++ch) d += gmp::load(x[ch]) * gmp::load(y[ch]);
+  return d;
+}
+template <typename T, typename A>
+void scale_store(A a, const T* x, T* y, int64_t c) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < c; ++ch) y[ch] = gmp::store<T>(a * gmp::load(x[ch]));
+}
+
+STRUCTALIGN_SIMD_CLONES void scale_into(float a, const float* x, const float* bias, float* y, int64_t c) {
+  if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * x[ch] + bias[ch];
+  } else {
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * x[ch];
+  }
+}
+STRUCTALIGN_SIMD_CLONES void axpy(float a, const float* x, float* y, int64_t c) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < c; ++ch) y[ch] += a * x[ch];
+}
+STRUCTALIGN_SIMD_CLONES float dot(const float* x, const float* y, int64_t c) {
+  float d = 0;
+#pragma omp simd reduction(+ : d)
+  for (int64_t ch = 0; ch < c; ++ch) d += x[ch] * y[ch];
+  return d;
+}
+STRUCTALIGN_SIMD_CLONES void scale_store(float a, const float* x, float* y, int64_t c) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * x[ch];
+}
+
+// Copies an accumulator row into the output row unless they are the same memory (fp32 / fp64 accumulate in place).
+template <typename T, typename A>
+void store_row(const A* acc, T* out, int64_t c) {
+  if constexpr (!std::is_same_v<T, A>) {
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) out[ch] = gmp::store<T>(acc[ch]);
+  }
+}
+
+// The accumulator of an output row: the row itself when T is the accumulation type, else a scratch buffer.
+template <typename T, typename A>
+A* accumulator(T* out_row, std::vector<A>& scratch) {
+  if constexpr (std::is_same_v<T, A>) {
+    return out_row;
+  } else {
+    return scratch.data();
+  }
+}
+
 // A row of an [B, N, C] tensor whose channels have unit stride.
 struct Rows {
   int64_t stride_b, stride_n;
@@ -63,31 +145,22 @@ void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const typ
                     int64_t b_size, int64_t n, int64_t c, int64_t max_deg) {
   using A = typename Acc<T>::type;
   at::parallel_for(0, b_size * n, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<A> attn(max_deg), acc(c);
+    std::vector<A> attn(max_deg), scratch(std::is_same_v<T, A> ? 0 : c);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / n, i = r % n, row = indptr[i], deg = indptr[i + 1] - row;
       gmp::row_softmax(logits + b * logits_stride_b + row, deg, attn.data());
-      A* a_acc = acc.data();
+      T* o = out + r * c;
+      A* acc = accumulator(o, scratch);
       for (int64_t k = 0; k < deg; ++k) {
         const int64_t j = indices[row + k];
         const T* v = j == i ? hs.at(h_self, b, i) : hn.at(h_nbr, b, j);
-        const A a = attn[k];
         if (k == 0) {
-#pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) a_acc[ch] = a * gmp::load(v[ch]);
+          scale_into(attn[k], v, bias, acc, c);
         } else {
-#pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) a_acc[ch] += a * gmp::load(v[ch]);
+          axpy(attn[k], v, acc, c);
         }
       }
-      T* o = out + r * c;
-      if (bias != nullptr) {
-#pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) o[ch] = gmp::store<T>(a_acc[ch] + gmp::load(bias[ch]));
-      } else {
-#pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) o[ch] = gmp::store<T>(a_acc[ch]);
-      }
+      store_row(acc, o, c);
     }
   });
 }
@@ -129,8 +202,7 @@ void backward_kernel(const T* grad_out, Rows go, const T* h_self, Rows hs, const
                      typename Acc<T>::type* grad_logits, int64_t b_size, int64_t n, int64_t c, int64_t e) {
   using A = typename Acc<T>::type;
   at::parallel_for(0, b_size * n, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(c);
-    A* a_acc = acc.data();
+    std::vector<A> scratch(std::is_same_v<T, A> ? 0 : c);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / n, k = r % n, row = indptr[k], row_end = indptr[k + 1];
       const A* a_b = attn + b * attn_stride_b;
@@ -138,9 +210,7 @@ void backward_kernel(const T* grad_out, Rows go, const T* h_self, Rows hs, const
       if (grad_h_self != nullptr) {
         A a_self = 0;
         for (int64_t f = row; f < row_end; ++f) a_self += indices[f] == k ? a_b[f] : A(0);
-        T* gs = grad_h_self + r * c;
-#pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) gs[ch] = gmp::store<T>(a_self * gmp::load(g[ch]));
+        scale_store(a_self, g, grad_h_self + r * c, c);
       }
       if (grad_logits != nullptr) {
         // d_f = <g_k, v_f> for the row's edges, kept in grad_logits until the row's weighted sum is known.
@@ -148,38 +218,30 @@ void backward_kernel(const T* grad_out, Rows go, const T* h_self, Rows hs, const
         A weighted = 0;
         for (int64_t f = row; f < row_end; ++f) {
           const int64_t j = indices[f];
-          const T* v = j == k ? hs.at(h_self, b, k) : hn.at(h_nbr, b, j);
-          A d = 0;
-#pragma omp simd reduction(+ : d)
-          for (int64_t ch = 0; ch < c; ++ch) d += gmp::load(g[ch]) * gmp::load(v[ch]);
-          gl[f] = d;
-          weighted += a_b[f] * d;
+          gl[f] = dot(g, j == k ? hs.at(h_self, b, k) : hn.at(h_nbr, b, j), c);
+          weighted += a_b[f] * gl[f];
         }
         for (int64_t f = row; f < row_end; ++f) gl[f] = gmp::softmax_backward(a_b[f], gl[f], weighted);
       }
       if (grad_h_nbr != nullptr) {
+        T* gn = grad_h_nbr + r * c;
+        A* acc = accumulator(gn, scratch);
         bool first = true;
         for (int64_t t = tg.in_ptr[k]; t < tg.in_ptr[k + 1]; ++t) {
           const int64_t f = tg.in_edges[t], i = tg.edge_row[f];
           if (i == k) continue;  // the self loop reads h_self, not h_nbr
-          const A a = a_b[f];
           const T* gi = go.at(grad_out, b, i);
           if (first) {
-#pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) a_acc[ch] = a * gmp::load(gi[ch]);
+            scale_into(a_b[f], gi, static_cast<const T*>(nullptr), acc, c);
           } else {
-#pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) a_acc[ch] += a * gmp::load(gi[ch]);
+            axpy(a_b[f], gi, acc, c);
           }
           first = false;
         }
-        T* gn = grad_h_nbr + r * c;
         if (first) {
-          std::fill(gn, gn + c, gmp::store<T>(A(0)));
-        } else {
-#pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) gn[ch] = gmp::store<T>(a_acc[ch]);
+          std::fill(acc, acc + c, A(0));
         }
+        store_row(acc, gn, c);
       }
     }
   });

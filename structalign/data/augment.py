@@ -2,11 +2,13 @@
 
 Every random draw of a sample is a pure function of (seed, epoch, position in the epoch order): `draw_sample`.
 From the draws and the face box, `sample_matrix` builds the one affine that moves both the image and the landmarks;
-`colour_transform` builds the brightness / contrast / saturation map. Both pipelines apply exactly these, so they can
+`colour_gain_offset` gives the brightness / contrast map. Both pipelines apply exactly these, so they can
 be compared under identical draws and an epoch can be resumed at any batch.
 
 Coordinates: pixel centres at integers in the original image and in the S x S crop (crop centre (S - 1) / 2).
 Crop: a square of side padding x max(box width, box height) around the box centre, resized to S x S.
+Colour: saturation blends each pixel with its grey level (luma 0.299 R + 0.587 G + 0.114 B, rounded), then contrast
+about 128 and brightness scale it: gain * (s * rgb + (1 - s) * grey) + offset, in float, without clipping.
 Normalisation: (rgb - NORM_MEAN) / NORM_STD per channel on 0..255 values (ImageNet statistics).
 """
 from dataclasses import dataclass
@@ -138,12 +140,9 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
     return np.concatenate([linear, -(linear @ np.asarray(matrix, np.float64)[:, 2])[:, None]], axis=1)
 
 
-def colour_transform(draw: SampleDraw):
-    """(A float64[3, 3], t float64[3]): rgb -> A rgb + t applies saturation (blend with luma), contrast (about 128)
-    and brightness (multiplier), in that order; the result is clamped to 0..255 once, afterwards."""
-    s, c, b = draw.saturation, draw.contrast, draw.brightness
-    sat = s * np.eye(3) + (1 - s) * np.outer(np.ones(3), LUMA)
-    return b * c * sat, np.full(3, b * (1 - c) * CONTRAST_CENTER)
+def colour_gain_offset(draw: SampleDraw):
+    """(gain, offset): contrast about 128 then brightness, rgb -> gain * rgb + offset, after the saturation blend."""
+    return draw.brightness * draw.contrast, draw.brightness * (1 - draw.contrast) * CONTRAST_CENTER
 
 
 def flip_order(scheme, draw: SampleDraw) -> np.ndarray:

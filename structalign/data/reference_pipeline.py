@@ -1,20 +1,21 @@
 """The reference pipeline: numpy + PIL, run by a torch DataLoader; the oracle of the DALI pipeline and its fallback.
 
 Same contract and same draws as structalign/data/dali_pipeline.py (see structalign/data/augment.py): decode with PIL,
-warp with PIL's bilinear affine (fill grey outside the image), fill the occlusion rectangle, apply the colour
-transform, clamp, normalise. Tested by tests/data/test_pipelines.py; benchmarked by benchmarks/data.py.
+warp with PIL's bilinear affine (fill grey outside the image), fill the occlusion rectangle, apply saturation,
+contrast and brightness, normalise. Tested by tests/data/test_pipelines.py; benchmarked by benchmarks/data.py.
 """
 import numpy as np
 import torch
 from PIL import Image
 
-from structalign.data.augment import (NORM_MEAN, NORM_STD, PlannedSample, colour_transform, invert_affine,
+from structalign.data.augment import (LUMA, NORM_MEAN, NORM_STD, PlannedSample, colour_gain_offset, invert_affine,
                                       to_pixel_corner, transform_points)
 from structalign.data.batches import BatchSource, SamplePlanner
 from structalign.data.records import DatasetError
 
 _MEAN = np.asarray(NORM_MEAN, np.float32)
 _STD = np.asarray(NORM_STD, np.float32)
+_LUMA = LUMA.astype(np.float32)
 
 
 def read_rgb(path: str) -> Image.Image:
@@ -37,9 +38,10 @@ def augment_image(image: Image.Image, planned: PlannedSample, size: int, fill: f
     if draw.occlusion is not None:
         x0, y0, x1, y1 = draw.occlusion
         pixels[y0:y1, x0:x1] = draw.occlusion_colour
-    a, t = colour_transform(draw)
-    pixels = np.clip(pixels @ a.T.astype(np.float32) + t.astype(np.float32), 0.0, 255.0)
-    return ((pixels - _MEAN) / _STD).transpose(2, 0, 1)
+    grey = np.rint(pixels @ _LUMA)[..., None]
+    gain, offset = colour_gain_offset(draw)
+    pixels = gain * (pixels * draw.saturation + grey * (1.0 - draw.saturation)) + offset
+    return ((pixels - _MEAN) / _STD).astype(np.float32).transpose(2, 0, 1)
 
 
 def augment_landmarks(planned: PlannedSample) -> np.ndarray:
@@ -93,7 +95,7 @@ class ReferenceLoader(BatchSource):
         self.sampler = _EpochSampler(self)
         self.loader = torch.utils.data.DataLoader(
             _Samples(self.planned, fill), batch_sampler=self.sampler, num_workers=num_threads, collate_fn=_collate,
-            pin_memory=self.device.type == "cuda", persistent_workers=num_threads > 0)
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def epoch(self, epoch: int, start_batch: int = 0):
         """Yield the Batches of epoch `epoch` from batch start_batch on."""

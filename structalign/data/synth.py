@@ -102,14 +102,17 @@ def _background(rng, width: int, height: int) -> Image.Image:
     return image
 
 
-def render_face(rng, width: int = 320, height: int = 320):
-    """One synthetic face: (PIL RGB image, landmarks float32[98, 2] pixels, box float32[4], attributes int64[6])."""
+def render_face(rng, width: int = 320, height: int = 320, face_scale=(0.2, 0.3)):
+    """One synthetic face: (PIL RGB image, landmarks float32[98, 2] pixels, box float32[4], attributes int64[6]).
+
+    face_scale: range of the half face width as a fraction of min(width, height).
+    """
     flags = (rng.random(6) < 0.2).astype(np.int64)
     pose, expression, illumination, makeup, occlusion, blur = flags
     points, forehead = _face_points(rng, bool(pose), bool(expression))
     roll = np.deg2rad(rng.uniform(30, 50) * rng.choice([-1, 1]) if pose and rng.random() < 0.4 else
                       rng.uniform(-15, 15))
-    unit = rng.uniform(0.2, 0.3) * min(width, height)
+    unit = rng.uniform(*face_scale) * min(width, height)
     rot = unit * np.array([[np.cos(roll), -np.sin(roll)], [np.sin(roll), np.cos(roll)]])
     spread_lo, spread_hi = (np.vstack([points, forehead]) @ rot.T).min(0), (np.vstack([points, forehead]) @ rot.T).max(0)
     size = np.array([width, height])
@@ -178,9 +181,10 @@ def render_face(rng, width: int = 320, height: int = 320):
     return image, landmarks.astype(np.float32), box.astype(np.float32), flags
 
 
-def _render_one(i: int, out_dir: str, split: str, seed: int, width: int, height: int, quality: int) -> str:
+def _render_one(i: int, out_dir: str, split: str, seed: int, width: int, height: int, quality: int,
+                face_scale) -> str:
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split], i])
-    image, landmarks, box, flags = render_face(rng, width, height)
+    image, landmarks, box, flags = render_face(rng, width, height, face_scale)
     name = f"synth/{split}_{i:05d}.jpg"
     image.save(os.path.join(out_dir, "WFLW_images", name), quality=quality)
     fields = [f"{v:.3f}" for v in landmarks.ravel()] + [f"{v:.0f}" for v in box] + [str(f) for f in flags] + [name]
@@ -188,11 +192,15 @@ def _render_one(i: int, out_dir: str, split: str, seed: int, width: int, height:
 
 
 def render_dataset(out_dir: str, num_train: int, num_test: int, seed: int = 0, width: int = 320, height: int = 320,
-                   quality: int = 92, workers: int = None) -> dict:
+                   quality: int = 92, face_scale=(0.2, 0.3), workers: int = None) -> dict:
     """Write num_train + num_test synthetic faces as a WFLW raw dataset under out_dir; returns the annotation paths.
 
-    Readable by open_dataset(out_dir, fmt="wflw"). workers: processes (default: all cores).
+    Readable by open_dataset(out_dir, fmt="wflw"). face_scale: range of the half face width as a fraction of
+    min(width, height); workers: processes (default: all cores).
     """
+    lo, hi = face_scale
+    if not 0.05 <= lo <= hi <= 0.4:
+        raise ValueError(f"face_scale must be (lo, hi) with 0.05 <= lo <= hi <= 0.4, got {face_scale}")
     if num_train < 0 or num_test < 0 or width < 64 or height < 64:
         raise ValueError(f"need num_train, num_test >= 0 and an image of at least 64 x 64, got "
                          f"{num_train}, {num_test}, {width} x {height}")
@@ -203,7 +211,7 @@ def render_dataset(out_dir: str, num_train: int, num_test: int, seed: int = 0, w
     with Pool(workers or os.cpu_count()) as pool:
         for split, count in (("train", num_train), ("test", num_test)):
             render = partial(_render_one, out_dir=out_dir, split=split, seed=seed, width=width, height=height,
-                             quality=quality)
+                             quality=quality, face_scale=tuple(face_scale))
             lines = pool.map(render, range(count), chunksize=16)
             paths[split] = os.path.join(annotations, f"list_98pt_rect_attr_{split}.txt")
             with open(paths[split] + ".tmp", "w") as f:

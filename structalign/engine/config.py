@@ -117,13 +117,23 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }
-POSITIVE = {"data.image_size", "model.head_width", "model.backbone_width", "model.bn_momentum",
-            "model.fc_width", "optim.lr",
-            "optim.base_batch_size", "train.epochs", "train.batch_size", "train.accumulate", "train.eval_every",
-            "train.eval_batch_size", "train.log_every"}
-NON_NEGATIVE = {"data.num_threads", "model.num_blocks", "optim.momentum", "optim.weight_decay", "optim.grad_clip", "optim.gamma", "optim.warmup_epochs",
-                "optim.min_lr_ratio", "loss.relative_weight", "train.save_every", "train.seed"}
+POSITIVE = {"data.image_size", "model.head_width", "model.backbone_width", "model.bn_momentum", "model.fc_width",
+            "optim.lr", "optim.base_batch_size", "train.epochs", "train.batch_size", "train.accumulate",
+            "train.eval_every", "train.eval_batch_size", "train.log_every"}
+NON_NEGATIVE = {"data.num_threads", "model.num_blocks", "optim.momentum", "optim.weight_decay", "optim.grad_clip",
+                "optim.gamma", "optim.warmup_epochs", "optim.min_lr_ratio", "loss.relative_weight", "train.save_every",
+                "train.seed"}
 UNIT_INTERVAL = {"data.val_fraction": (0.0, 1.0), "train.ema_decay": (0.0, 1.0)}
+
+
+_ACCEPTS = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, (str, int)) and not isinstance(v, bool),
+    tuple: lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v),
+    dict: lambda v: isinstance(v, dict),
+}
 
 
 def _coerce(where: str, value, kind):
@@ -133,31 +143,15 @@ def _coerce(where: str, value, kind):
         if value is None:
             return None
         kind = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(kind) or kind
-    if origin is bool:
-        if isinstance(value, bool):
-            return value
-    elif origin is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif origin is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif origin is str:
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            return str(value)
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
-            return tuple(value)
-    elif origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    kind = typing.get_origin(kind) or kind
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not _ACCEPTS[kind](value):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return kind(value)
 
 
 def _check_value(where: str, value) -> None:
@@ -253,11 +247,3 @@ def check_data_root(cfg: Config) -> None:
     if not os.path.isdir(cfg.data.root):
         raise ConfigError(f"data.root: {cfg.data.root!r} is not a directory (render the built-in data with "
                           f"`structalign data synth {cfg.data.root}` or point data.root at your dataset)")
-
-
-def replace(cfg: Config, **sections) -> Config:
-    """A checked copy of cfg with some keys changed: replace(cfg, train={"epochs": 2})."""
-    raw = cfg.to_dict()
-    for name, changes in sections.items():
-        raw.setdefault(name, {}).update(changes)
-    return config_from_dict(raw)

@@ -178,18 +178,18 @@ def train(cfg: Config, resume: str | None = None, on_step=None) -> dict:
         if main:
             save_checkpoint(path, state)
 
-    # Ctrl-C: finish the current step, save, exit cleanly; a second Ctrl-C interrupts at once.
+    # Ctrl-C (or SIGTERM from a scheduler): finish the current step, save, exit cleanly; a second one aborts at once.
     interrupt = {"requested": False}
 
-    def on_sigint(signum, frame):
+    def on_interrupt(signum, frame):
         if interrupt["requested"]:
             raise KeyboardInterrupt
         interrupt["requested"] = True
         if main:
             print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous_handlers = {sig: signal.signal(sig, on_interrupt) for sig in handled}
     log = open(os.path.join(tc.out_dir, "log.jsonl"), "a") if main else None
     tty = main and sys.stderr.isatty()
     if main:
@@ -295,8 +295,8 @@ def train(cfg: Config, resume: str | None = None, on_step=None) -> dict:
             if interrupted:
                 break
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         if log is not None:
             log.close()
         teardown_distributed(env)

@@ -17,6 +17,11 @@ from structalign.ops.backend import BACKENDS
 from structalign.ops.reference import edge_softmax_reference
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 -> fp32; other dtypes unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def check_op_backend(op_backend) -> None:
     if op_backend is not None and op_backend not in BACKENDS:
         raise ValueError(f"op_backend must be None or one of {BACKENDS}, got {op_backend!r}")
@@ -138,7 +143,9 @@ class LGRNHead(nn.Module):
         x = self.input(nodes, logits)
         for block in self.blocks:
             x = block(x, logits)
-        return self.output(x, logits)
+        # Pixel offsets in bf16 would be quantised to ~0.25 px; the last layer runs in fp32 under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.output(upcast(x), None if logits is None else upcast(logits))
 
     def graph_convs(self) -> list:
         return [m for m in self.modules() if isinstance(m, GraphConv)]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from structalign.landmarks import LandmarkScheme
-from structalign.models.lgrn import LGRNHead
+from structalign.models.lgrn import LGRNHead, upcast
 
 
 def standardize(images: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class LandmarkRegressor(nn.Module):
         features = self.features(images)
         h, w = images.shape[-2:]
         offsets = self.head(*self.head_input(features))
-        points = self.shape_prior.to(offsets.dtype) * self.image_size + offsets
+        points = self.shape_prior * self.image_size + upcast(offsets)
         if (h, w) != (self.image_size, self.image_size):
             points = points * points.new_tensor([w / self.image_size, h / self.image_size])
         return points

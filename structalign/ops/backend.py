@@ -25,7 +25,9 @@ def extension_error() -> str | None:
     return None
 
 
+# Constant for torch.compile: the dispatcher queries below cannot be traced, and the answer never changes.
 @lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def cpp_available(device_type: str, op: str) -> bool:
     """True when structalign._C has a kernel for `op` on `device_type` ("cpu"/"cuda")."""
     if extension_error() is not None:

@@ -100,6 +100,8 @@ def _reduce(elem, rel_weight, reduction):
     if reduction == "sum":
         return elem.sum()
     if reduction == "mean":
+        if elem.numel() == 0:
+            return elem.sum()  # the mean over no relation (an empty batch) is 0, not nan
         if rel_weight is None:
             return elem.mean()
         return elem.sum() / (2 * rel_weight.sum()).clamp_min(1e-12)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from structalign.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from structalign.engine.config import ConfigError, config_from_dict, load_config, parse_override, replace
+from structalign.engine.config import ConfigError, config_from_dict, load_config, parse_override
 from structalign.engine.ema import EMA
 from structalign.engine.optim import LAMB, Schedule, build_optimizer, build_scheduler, scaled_lr
 
@@ -75,9 +75,9 @@ def test_toml_config(tmp_path):
     assert (cfg.optim.name, cfg.optim.lr, cfg.train.epochs) == ("adamw", 0.002, 4)
 
 
-def test_replace_and_parse_override():
-    cfg = replace(config_from_dict({}), train={"epochs": 2})
-    assert cfg.train.epochs == 2 and cfg.optim.lr == 0.01
+def test_defaults_and_parse_override():
+    cfg = config_from_dict({"train": {"epochs": 2}})
+    assert cfg.train.epochs == 2 and cfg.optim.lr == 0.01 and cfg.optim.betas == (0.9, 0.999)
     assert parse_override("optim.betas=[0.8, 0.9]") == ("optim", "betas", [0.8, 0.9])
 
 

@@ -102,3 +102,12 @@ def test_ddp_two_processes_keep_identical_parameters(synth_root, tmp_path):
     assert r0["losses"] == r1["losses"]
     assert torch.equal(r0["params"], r1["params"])
     assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 2
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_cuda_with_the_dali_loader(synth_root, tmp_path):
+    cfg = tiny_config(synth_root, str(tmp_path), data={"loader": "dali", "num_threads": 2},
+                      train={"device": "cuda", "precision": "bf16", "epochs": 1})
+    result = train(cfg)
+    assert len(result["losses"]) == 3 and all(math.isfinite(v) for v in result["losses"])
+    assert next(result["model"].parameters()).is_cuda and result["val"][0]["val_nme"] > 0

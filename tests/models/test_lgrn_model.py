@@ -146,3 +146,12 @@ def test_bad_images_and_node_count_mismatch():
     head = LGRNHead(16, message_graph(WFLW98), width=8, num_blocks=0)
     with pytest.raises(ValueError, match=r"\[B, 98, F\]"):
         head(torch.rand(2, 68, 16))
+
+
+def test_bf16_autocast_keeps_fp32_landmarks():
+    model = build_model(**TINY).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, model(x), rtol=0, atol=1.0)

@@ -1,0 +1,108 @@
+"""End-to-end model benchmark: forward + backward images/s of the L-GRN model with its criterion, with the ops on
+the reference backend and on the C++ backend, and the share of step time spent in the graph head and in the loss.
+
+    .venv/bin/python benchmarks/model.py                 # both configurations, reference and cpp ops
+    .venv/bin/python benchmarks/model.py --reps 3 --json /tmp/model.json
+
+A step is model forward + criterion (Soft Wing + Laplacian relative loss) + backward, no optimiser. "head" is the
+L-GRN head alone (forward + backward from detached node features), "loss" the criterion alone (from detached
+predictions); shares are their medians over the step's median, all measured in the same run.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import device_name, measure, print_table, write_json  # noqa: E402
+
+from structalign.losses import build_criterion  # noqa: E402
+from structalign.models import build_model  # noqa: E402
+from structalign.ops.backend import cpp_available  # noqa: E402
+
+CONFIGS = (  # (backbone, image size, batch)
+    ("resnet34", 256, 8),
+    ("resnet18", 128, 32),
+)
+OPS = ("graph_message_passing", "relative_location_loss")
+
+
+def cpp_problem(device: torch.device) -> str | None:
+    """None when both ops run on the cpp backend here, else why not (the script then reports reference only)."""
+    missing = [op for op in OPS if not cpp_available(device.type, op)]
+    if missing:
+        return f"no cpp kernel on {device.type} for {', '.join(missing)}"
+    try:
+        model = build_model(backbone="resnet18", image_size=64, head_width=8, num_blocks=0, backbone_width=8,
+                            op_backend="cpp").to(device)
+        loss, _ = build_criterion(op_backend="cpp")(model(torch.rand(2, 3, 64, 64, device=device)),
+                                                   torch.rand(2, 98, 2, device=device) * 64)
+        loss.backward()
+    except RuntimeError as exc:
+        return f"cpp backend failed: {exc}"
+    return None
+
+
+def bench_config(backbone: str, size: int, batch: int, backend: str, device, reps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(backbone=backbone, image_size=size, op_backend=backend).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    criterion = build_criterion(op_backend=backend)
+    images = torch.rand(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    target = torch.rand(batch, 98, 2, device=device) * size
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss, _ = criterion(model(images), target)
+        loss.backward()
+
+    with torch.no_grad():
+        nodes, pooled = model.head_input(model.features(images))
+        pred = model(images)
+    nodes = nodes.detach().requires_grad_()
+
+    def head():
+        model.head(nodes, pooled).sum().backward()
+
+    pred = pred.detach().requires_grad_()
+
+    def loss():
+        criterion(pred, target)[0].backward()
+
+    t_step = measure(step, device, warmup=warmup, reps=reps)["median_ms"]
+    t_head = measure(head, device, warmup=warmup, reps=reps)["median_ms"]
+    t_loss = measure(loss, device, warmup=warmup, reps=reps)["median_ms"]
+    return {"model": f"lgrn-{backbone}", "size": size, "batch": batch, "ops": backend, "step_ms": t_step,
+            "img_per_s": batch / t_step * 1e3, "head_ms": t_head, "head_share": t_head / t_step,
+            "loss_ms": t_loss, "loss_share": t_loss / t_step}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    problem = cpp_problem(device)
+    backends = ["reference"] if problem else ["reference", "cpp"]
+    print(f"device: {device_name(device)}; torch {torch.__version__}")
+    if problem:
+        print(f"cpp backend not measured: {problem}")
+    rows = []
+    for backbone, size, batch in CONFIGS:
+        base = None
+        for backend in backends:
+            row = bench_config(backbone, size, batch, backend, device, args.reps, args.warmup)
+            base = base or row["step_ms"]
+            row["speedup"] = base / row["step_ms"]
+            rows.append(row)
+    print_table(rows, ["model", "size", "batch", "ops", "step_ms", "img_per_s", "speedup", "head_ms", "head_share",
+                       "loss_ms", "loss_share"])
+    if args.json:
+        write_json(args.json, rows, device)
+
+
+if __name__ == "__main__":
+    main()
