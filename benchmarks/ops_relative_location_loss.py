@@ -3,7 +3,8 @@
 At the paper's shapes: B = 256 faces of N = 98 landmarks (WFLW), soft-wing criterion, mean reduction, with the
 294 Laplacian relations of the top-3 neighbour lists (the paper's loss) and with all 4 753 pairs i < j. Providers:
 eager (relative_location_loss_dense: builds the delta tensors, as the paper's code), reference, compile
-(torch.compile of the reference), cpp and triton (CUDA only).
+(torch.compile of the reference; the driver turns off donated buffers so that "backward" can replay a graph), cpp
+and triton (CUDA only).
 """
 import torch
 
@@ -31,14 +32,7 @@ def _loss_fn(provider: str, relations: RelationSet, target: torch.Tensor):
     if provider == "reference":
         return lambda p: relative_location_loss_reference(p, target, *tensors)
     if provider == "compile":
-        compiled = torch.compile(lambda p: relative_location_loss_reference(p, target, *tensors))
-
-        def call(p):
-            # Donated buffers forbid the retain_graph backward that the "backward" measurement repeats.
-            with torch._functorch.config.patch(donated_buffer=False):
-                return compiled(p)
-
-        return call
+        return torch.compile(lambda p: relative_location_loss_reference(p, target, *tensors))
     return lambda p: relative_location_loss(p, target, relations, backend=provider)
 
 

@@ -18,8 +18,11 @@ namespace {
 
 using gmp::Acc;
 
-// Rows of output (one face, one node) per parallel_for task: each row costs about deg x C multiply-adds.
-constexpr int64_t kRowGrain = 32;
+// Output rows (one face, one node; about deg x C multiply-adds each) per parallel_for task: enough channels per
+// task that small problems run inline instead of paying for a thread hand-off.
+int64_t row_grain(int64_t c) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
+}
 
 // Checks the CSR values (they come from Python unchecked when the op is called directly) and returns the largest
 // row length.
@@ -144,7 +147,7 @@ void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const typ
                     int64_t logits_stride_b, const int64_t* indptr, const int64_t* indices, const T* bias, T* out,
                     int64_t b_size, int64_t n, int64_t c, int64_t max_deg) {
   using A = typename Acc<T>::type;
-  at::parallel_for(0, b_size * n, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, b_size * n, row_grain(c), [&](int64_t begin, int64_t end) {
     std::vector<A> attn(max_deg), scratch(std::is_same_v<T, A> ? 0 : c);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / n, i = r % n, row = indptr[i], deg = indptr[i + 1] - row;
@@ -201,7 +204,7 @@ void backward_kernel(const T* grad_out, Rows go, const T* h_self, Rows hs, const
                      const int64_t* indices, const Transposed& tg, T* grad_h_self, T* grad_h_nbr,
                      typename Acc<T>::type* grad_logits, int64_t b_size, int64_t n, int64_t c, int64_t e) {
   using A = typename Acc<T>::type;
-  at::parallel_for(0, b_size * n, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, b_size * n, row_grain(c), [&](int64_t begin, int64_t end) {
     std::vector<A> scratch(std::is_same_v<T, A> ? 0 : c);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / n, k = r % n, row = indptr[k], row_end = indptr[k + 1];

@@ -2,6 +2,7 @@
 // allocation and launch around the torch-free kernels of relative_location_loss_kernels.cuh. The per-face partial
 // sums are added by at::sum (a fixed order, so the loss is deterministic), without a host synchronisation.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

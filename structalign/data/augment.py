@@ -53,6 +53,9 @@ class AugmentConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"AugmentConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("scale", "occlusion_aspect"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # YAML configs give lists
+            if len(getattr(self, name)) != 2:
+                raise ValueError(f"AugmentConfig.{name} must be (lo, hi), got {getattr(self, name)}")
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"AugmentConfig.{name} must be (lo, hi) with 0 < lo <= hi, got {getattr(self, name)}")

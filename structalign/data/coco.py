@@ -55,6 +55,9 @@ def read_coco(root: str, split: str = "train", on_error: str = "raise") -> FaceD
         except (TypeError, ValueError) as e:
             problems.report(source, entry, f"malformed keypoints or bbox: {e}")
             continue
+        if not isinstance(file_name, str):
+            problems.report(source, entry, f"image {ann['image_id']} has no file_name")
+            continue
         try:
             entry_scheme = scheme_for(len(keypoints))
         except ValueError as e:

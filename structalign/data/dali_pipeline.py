@@ -39,7 +39,7 @@ def dali_available() -> bool:
 
 def _build_pipeline(batch_size: int, size: int, fill: float, device_id, num_threads: int, prefetch: int):
     from nvidia.dali import fn, pipeline_def, types
-    
+
     gpu = device_id is not None
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
@@ -60,7 +60,8 @@ def _build_pipeline(batch_size: int, size: int, fill: float, device_id, num_thre
         images = fn.erase(images, anchor=src["erase_anchor"], shape=src["erase_shape"],
                           fill_value=src["erase_colour"], axis_names="HW")
         grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-        saturated = images * src["saturation"] + grey * (1.0 - src["saturation"])
+        saturation = src["saturation"].gpu() if gpu else src["saturation"]
+        saturated = images * saturation + grey * (1.0 - saturation)
         # Brightness and contrast are folded into the per-sample normalisation (see _inputs).
         images = fn.crop_mirror_normalize(saturated, mean=src["mean"], std=src["std"], output_layout="CHW",
                                           dtype=types.FLOAT)
@@ -96,7 +97,7 @@ class DaliLoader(BatchSource):
         fill = self.augment.fill if self.augment is not None else 127.0
         self.prefetch = prefetch
         self.pipe = _build_pipeline(batch_size, self.size, fill, device_id, num_threads, prefetch)
-        self._in_flight = deque()  # per scheduled run: (plans, indices, paths), or None for a priming run
+        self._in_flight = deque()  # (plans, indices) of each batch fed to DALI and not collected yet
         self._primed = False
         self._image_sizes = {}
 
@@ -163,6 +164,8 @@ class DaliLoader(BatchSource):
 
             out = torch.empty(images.shape(), dtype=torch.float32, device=self.device)
             feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream(self.device))
+            # DALI may reuse the output buffer once the next outputs() releases it: finish the copy first.
+            torch.cuda.current_stream(self.device).synchronize()
         else:
             out = torch.from_numpy(np.array(images))
         return out, torch.from_numpy(np.array(points.as_tensor())), plans, indices

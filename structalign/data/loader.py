@@ -3,6 +3,7 @@ from typing import Optional
 
 from structalign.data.augment import AugmentConfig
 from structalign.data.records import FaceDataset
+from structalign.data.reference_pipeline import ReferenceLoader
 
 BACKENDS = ("dali", "reference")
 
@@ -24,6 +25,7 @@ def make_loader(ds: FaceDataset, batch_size: int, train: bool, device, image_siz
     if num_threads < 0:
         raise ValueError(f"num_threads must be >= 0, got {num_threads}")
     if backend == "dali":
+        # Imported on use: DALI is optional and takes seconds to import.
         from structalign.data.dali_pipeline import DaliLoader, dali_available
 
         if not dali_available():
@@ -31,7 +33,5 @@ def make_loader(ds: FaceDataset, batch_size: int, train: bool, device, image_siz
                                "backend='reference' runs without it")
         return DaliLoader(ds, batch_size, train, device, num_threads=max(1, num_threads), **options)
     if backend == "reference":
-        from structalign.data.reference_pipeline import ReferenceLoader
-
         return ReferenceLoader(ds, batch_size, train, device, num_threads=num_threads, **options)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -17,8 +17,6 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from structalign.data.wflw import ATTRIBUTES
-
 _SPLIT_STREAM = {"train": 1, "test": 2}
 
 
@@ -69,8 +67,8 @@ def _face_points(rng, strong_pose: bool, strong_expression: bool):
     p[33:51, 1] -= raise_brows
     p[96:98, :2] += rng.uniform([-0.08, -0.03], [0.08, 0.03])
     p[:, 0] *= rng.uniform(0.9, 1.1)
-    forehead = np.stack([np.cos(np.linspace(0.1, np.pi - 0.1, 9)), -0.2 - 0.95 * np.sin(np.linspace(0.1, np.pi - 0.1, 9)),
-                         0.5 * np.ones(9)], axis=1)
+    arc = np.linspace(0.1, np.pi - 0.1, 9)
+    forehead = np.stack([np.cos(arc), -0.2 - 0.95 * np.sin(arc), 0.5 * np.ones(9)], axis=1)
     yaw = np.deg2rad(rng.uniform(35, 65) * rng.choice([-1, 1]) if strong_pose else rng.uniform(-25, 25))
     pitch = np.deg2rad(rng.uniform(-25, 25) if strong_pose else rng.uniform(-10, 10))
     ry = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
@@ -114,7 +112,8 @@ def render_face(rng, width: int = 320, height: int = 320, face_scale=(0.2, 0.3))
                       rng.uniform(-15, 15))
     unit = rng.uniform(*face_scale) * min(width, height)
     rot = unit * np.array([[np.cos(roll), -np.sin(roll)], [np.sin(roll), np.cos(roll)]])
-    spread_lo, spread_hi = (np.vstack([points, forehead]) @ rot.T).min(0), (np.vstack([points, forehead]) @ rot.T).max(0)
+    extent = np.vstack([points, forehead]) @ rot.T
+    spread_lo, spread_hi = extent.min(0), extent.max(0)
     size = np.array([width, height])
     centre = rng.uniform(-spread_lo + 2, np.maximum(size - spread_hi - 2, -spread_lo + 3))
     landmarks, outline = points @ rot.T + centre, forehead @ rot.T + centre
@@ -125,8 +124,8 @@ def render_face(rng, width: int = 320, height: int = 320, face_scale=(0.2, 0.3))
     skin = tuple(int(v) for v in np.array([rng.uniform(120, 240)] * 3) * [1.0, rng.uniform(0.75, 0.9),
                                                                         rng.uniform(0.6, 0.8)])
     head = [tuple(q) for q in landmarks[:33]] + [tuple(q) for q in outline]
-    draw.polygon([tuple(q) for q in outline[::-1] * 1.0 + (outline[::-1] - centre) * 0.15] +
-                 [tuple(q) for q in landmarks[:33:4]], fill=hair)
+    hair_line = centre + (outline[::-1] - centre) * 1.15
+    draw.polygon([tuple(q) for q in hair_line] + [tuple(q) for q in landmarks[:33:4]], fill=hair)
     draw.polygon(head, fill=skin)
     line = max(1, int(round(unit / 45)))
     shade = tuple(int(c * 0.7) for c in skin)
@@ -218,6 +217,3 @@ def render_dataset(out_dir: str, num_train: int, num_test: int, seed: int = 0, w
                 f.write("".join(line + "\n" for line in lines))
             os.replace(paths[split] + ".tmp", paths[split])
     return paths
-
-
-__all__ = ["ATTRIBUTES", "render_dataset", "render_face"]

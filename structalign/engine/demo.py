@@ -14,13 +14,17 @@ from structalign.engine.train import train
 
 def ensure_synthetic_data(data_dir: str, num_train: int, num_test: int) -> bool:
     """Render the built-in data into data_dir unless it is already there; True when it was rendered now."""
+    from structalign.data import DatasetError
     from structalign.data.synth import render_dataset
+    from structalign.data.wflw import annotation_path
 
-    lists = [os.path.join(data_dir, f"list_98pt_rect_attr_{split}.txt") for split in ("train", "test")]
-    if all(os.path.isfile(p) for p in lists):
+    try:
+        for split in ("train", "test"):
+            annotation_path(data_dir, split)
         return False
-    render_dataset(data_dir, num_train, num_test, seed=0)
-    return True
+    except DatasetError:
+        render_dataset(data_dir, num_train, num_test, seed=0)
+        return True
 
 
 def run_demo(data_dir: str = "data/synth-demo", out_dir: str = "runs/demo", overrides=(), num_train: int = 1500,
