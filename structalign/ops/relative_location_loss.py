@@ -82,11 +82,32 @@ def relative_location_loss(pred: torch.Tensor, target: torch.Tensor, relations: 
     need_grad = pred.requires_grad and torch.is_grad_enabled()
     args = (pred, target, *tensors, landmark_weight, CRITERION_CODES[criterion], float(omega1), float(omega2),
             float(epsilon), REDUCTION_CODES[reduction], need_grad)
-    if name == "cpp":
-        loss, _ = torch.ops.structalign.relative_location_loss(*args)
-    else:
-        loss, _ = relative_location_loss_triton(*args)
-    return loss
+    if need_grad and reduction != "none":
+        return _FusedGradientLoss.apply(name == "triton", *args)
+    fused = torch.ops.structalign.relative_location_loss if name == "cpp" else relative_location_loss_triton
+    return fused(*args)[0]
+
+
+class _FusedGradientLoss(torch.autograd.Function):
+    """Autograd of the fused ops for reductions mean / sum: the gradient comes with the loss, backward scales it.
+
+    The ops are differentiable by themselves (register_autograd below); this thinner wrapper is what the public
+    function uses, since torch.library's generic autograd wrapper costs about 65 us more per forward + backward
+    (measured on the 2-core CPU: 59 vs 123 us for one face), as much as the whole fused kernel at training batches.
+    """
+
+    @staticmethod
+    def forward(ctx, use_triton, pred, *args):
+        fused = relative_location_loss_triton if use_triton else torch.ops.structalign.relative_location_loss
+        loss, grad = fused(pred, *args)
+        ctx.save_for_backward(grad)
+        ctx.pred_dtype = pred.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (None, (grad_loss * grad).to(ctx.pred_dtype)) + (None,) * 12
 
 
 def _acc_dtype(pred: torch.Tensor) -> torch.dtype:
