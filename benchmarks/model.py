@@ -6,16 +6,19 @@ the reference backend and on the C++ backend, and the share of step time spent i
 
 A step is model forward + criterion (Soft Wing + Laplacian relative loss) + backward, no optimiser. "head" is the
 L-GRN head alone (forward + backward from detached node features), "loss" the criterion alone (from detached
-predictions); shares are their medians over the step's median, all measured in the same run.
+predictions); shares are their medians over the step's median. The backends' calls alternate rep by rep in one
+run, so a load change on a shared machine hits both alike.
 """
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import device_name, measure, print_table, write_json  # noqa: E402
+from harness import device_name, print_table, write_json  # noqa: E402
 
 from structalign.losses import build_criterion  # noqa: E402
 from structalign.models import build_model  # noqa: E402
@@ -44,38 +47,60 @@ def cpp_problem(device: torch.device) -> str | None:
     return None
 
 
-def bench_config(backbone: str, size: int, batch: int, backend: str, device, reps: int, warmup: int) -> dict:
+def make_case(backbone: str, size: int, batch: int, backend: str, device) -> dict:
+    """{"step", "head", "loss"}: callables running one forward + backward (see the module docstring)."""
     torch.manual_seed(0)
     model = build_model(backbone=backbone, image_size=size, op_backend=backend).to(device)
     model = model.to(memory_format=torch.channels_last)
     criterion = build_criterion(op_backend=backend)
     images = torch.rand(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     target = torch.rand(batch, 98, 2, device=device) * size
+    with torch.no_grad():
+        nodes, pooled = model.head_input(model.features(images))
+        pred = model(images)
+    nodes, pred = nodes.detach().requires_grad_(), pred.detach().requires_grad_()
 
     def step():
         model.zero_grad(set_to_none=True)
         loss, _ = criterion(model(images), target)
         loss.backward()
 
-    with torch.no_grad():
-        nodes, pooled = model.head_input(model.features(images))
-        pred = model(images)
-    nodes = nodes.detach().requires_grad_()
-
     def head():
         model.head(nodes, pooled).sum().backward()
-
-    pred = pred.detach().requires_grad_()
 
     def loss():
         criterion(pred, target)[0].backward()
 
-    t_step = measure(step, device, warmup=warmup, reps=reps)["median_ms"]
-    t_head = measure(head, device, warmup=warmup, reps=reps)["median_ms"]
-    t_loss = measure(loss, device, warmup=warmup, reps=reps)["median_ms"]
-    return {"model": f"lgrn-{backbone}", "size": size, "batch": batch, "ops": backend, "step_ms": t_step,
-            "img_per_s": batch / t_step * 1e3, "head_ms": t_head, "head_share": t_head / t_step,
-            "loss_ms": t_loss, "loss_share": t_loss / t_step}
+    return {"step": step, "head": head, "loss": loss}
+
+
+def timed_ms(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bench_config(backbone: str, size: int, batch: int, backends: list, device, reps: int, warmup: int) -> list:
+    """Rows per backend; the backends' calls are interleaved rep by rep, so load changes hit all of them alike."""
+    cases = {b: make_case(backbone, size, batch, b, device) for b in backends}
+    times = {(b, part): [] for b in backends for part in ("step", "head", "loss")}
+    for rep in range(warmup + reps):
+        for b, case in cases.items():
+            for part, fn in case.items():
+                t = timed_ms(fn, device)
+                if rep >= warmup:
+                    times[b, part].append(t)
+    rows = []
+    for b in backends:
+        step, head, loss = (statistics.median(times[b, p]) for p in ("step", "head", "loss"))
+        rows.append({"model": f"lgrn-{backbone}", "size": size, "batch": batch, "ops": b, "step_ms": step,
+                     "img_per_s": batch / step * 1e3, "speedup": statistics.median(times[backends[0], "step"]) / step,
+                     "head_ms": head, "head_share": head / step, "loss_ms": loss, "loss_share": loss / step})
+    return rows
 
 
 def main():
@@ -92,12 +117,7 @@ def main():
         print(f"cpp backend not measured: {problem}")
     rows = []
     for backbone, size, batch in CONFIGS:
-        base = None
-        for backend in backends:
-            row = bench_config(backbone, size, batch, backend, device, args.reps, args.warmup)
-            base = base or row["step_ms"]
-            row["speedup"] = base / row["step_ms"]
-            rows.append(row)
+        rows += bench_config(backbone, size, batch, backends, device, args.reps, args.warmup)
     print_table(rows, ["model", "size", "batch", "ops", "step_ms", "img_per_s", "speedup", "head_ms", "head_share",
                        "loss_ms", "loss_share"])
     if args.json:

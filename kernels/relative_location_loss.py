@@ -165,7 +165,7 @@ def _launch(pred, target, anchor, indptr, member, weight, landmark_weight, crite
 def relative_location_loss_forward_triton(pred, target, anchor, indptr, member, weight, landmark_weight,
                                           criterion: int, omega1: float, omega2: float, epsilon: float,
                                           reduction: int, need_grad: bool):
-    """(loss, grad_pred) as the C++ op structalign::relative_location_loss returns them (csrc/relative_location_loss.cpp).
+    """(loss, grad_pred) as the C++ op structalign::relative_location_loss returns them (its schema's comment).
 
     pred, target (Tensor[B, N, 2], CUDA, or CPU under TRITON_INTERPRET=1); anchor, indptr, member (int64), weight
     (float32) as in RelationSet; landmark_weight (Tensor[B, N] or None); criterion / reduction codes as CRITERIA /

@@ -62,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& grad_out, const at
       const A grad_scale = (!backward && reduction == rll::kMean && !lw.defined()) ? static_cast<A>(1.0 / count)
                                                                                     : A(1);
       const rll::KernelArgs<T, A> args{
-          reinterpret_cast<const T*>(pred.data_ptr<scalar_t>()), reinterpret_cast<const T*>(target.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(pred.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(target.data_ptr<scalar_t>()),
           lw.defined() ? lw.data_ptr<A>() : nullptr, anchor.data_ptr<int64_t>(), indptr.data_ptr<int64_t>(),
           member.data_ptr<int64_t>(), weight.data_ptr<float>(), backward ? go.data_ptr<A>() : nullptr,
           loss_none.defined() ? loss_none.data_ptr<A>() : nullptr, need_grad ? grad_pred.data_ptr<A>() : nullptr,

@@ -37,7 +37,8 @@ def _check_mean_shape(mean_shape) -> np.ndarray:
     if shape.ndim != 2 or shape.shape[1] != 2 or shape.shape[0] < 2:
         raise ValueError(f"mean_shape must have shape [N, 2] with N >= 2, got {list(shape.shape)}")
     if not np.isfinite(shape).all():
-        raise ValueError(f"mean_shape has NaN or infinite coordinates at point {int(np.argwhere(~np.isfinite(shape))[0, 0])}")
+        point = int(np.argwhere(~np.isfinite(shape))[0, 0])
+        raise ValueError(f"mean_shape has NaN or infinite coordinates at point {point}")
     return shape
 
 

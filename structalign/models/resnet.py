@@ -13,7 +13,11 @@ import torch
 from torch import nn
 
 # name -> (block kind, blocks per stage)
-ARCHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
+ARCHS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
 
 
 class Shortcut(nn.Sequential):
@@ -157,8 +161,11 @@ def read_state_dict(source) -> dict:
             source = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"backbone_weights file {path!r} is not a readable torch state_dict: {exc}") from exc
-        if isinstance(source, dict) and isinstance(source.get("state_dict"), dict):
-            source = source["state_dict"]
+        # Training checkpoints wrap the weights: ours under "model", many other codebases under "state_dict".
+        for key in ("model", "state_dict"):
+            if isinstance(source, dict) and isinstance(source.get(key), dict):
+                source = source[key]
+                break
     if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
         raise ValueError("backbone_weights must be a path or a mapping of parameter names to tensors")
     return dict(source)
@@ -178,7 +185,8 @@ def load_backbone_weights(backbone: ResNet, source) -> None:
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"backbone_weights do not fit {backbone.arch} (width {backbone.width}): "
-                         f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+                         f"{len(missing)} missing keys {missing[:3]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:3]}")
     for key, value in state.items():
         if value.shape != own[key].shape:
             raise ValueError(f"backbone_weights[{key!r}] has shape {list(value.shape)}, "

@@ -1,6 +1,7 @@
 """relative_location_loss: criterion on landmark positions relative to related landmarks (method.md §1.5).
 
-    loss = reduce_r,c  w_r * criterion( delta_r(pred) - delta_r(target) ),  delta_r(P) = sum_m w_m P[member_m] - P[anchor_r]
+    loss = reduce_r,c  w_r * criterion(delta_r(pred) - delta_r(target)),
+    delta_r(P) = sum_m w_m P[member_m] - P[anchor_r]
 
 Backends: reference (structalign.ops.reference), cpp (structalign._C, CPU and CUDA: torch.ops.structalign.
 relative_location_loss[_backward]), triton (structalign_kernels.relative_location_loss, behind the custom op
@@ -106,6 +107,7 @@ class _FusedGradientLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _refuse_double_backward()
         (grad,) = ctx.saved_tensors
         return (None, (grad_loss * grad).to(ctx.pred_dtype)) + (None,) * 12
 
@@ -144,8 +146,15 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])
 
 
+def _refuse_double_backward():
+    # The saved gradient and the backward ops are not differentiable; an error beats a silently zero second order.
+    if torch.is_grad_enabled():
+        raise RuntimeError("relative_location_loss has no double backward (backward with create_graph=True)")
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad_loss, _grad_of_grad_pred):
+        _refuse_double_backward()
         if ctx.reduction == _NONE:
             grad = backward_op(grad_loss, *ctx.saved_tensors, *ctx.params)
         else:

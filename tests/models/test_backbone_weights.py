@@ -72,11 +72,17 @@ def test_missing_and_corrupt_files(tmp_path):
         load_backbone_weights(ResNet("resnet18", width=8), {"stem.conv.weight": [1, 2]})
 
 
-def test_backbone_taken_from_a_whole_model_state_dict():
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_backbone_taken_from_a_whole_model_state_dict(tmp_path, wrapped):
     source = build_model(backbone="resnet18", backbone_width=8, image_size=64, head_width=8, num_blocks=0,
                          op_backend="reference")
     randomised(source.backbone)
     target = ResNet("resnet18", width=8)
-    load_backbone_weights(target, source.state_dict())
+    if wrapped:  # a training checkpoint: weights under "model" next to other entries
+        path = tmp_path / "last.pt"
+        torch.save({"model": source.state_dict(), "step": 3}, path)
+        load_backbone_weights(target, path)
+    else:
+        load_backbone_weights(target, source.state_dict())
     for key, value in source.backbone.state_dict().items():
         torch.testing.assert_close(target.state_dict()[key], value)

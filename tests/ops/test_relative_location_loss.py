@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from structalign.landmarks import scheme_for
 from structalign.ops import RelationSet, relative_location_loss
-from structalign.ops.backend import cpp_available, triton_available
+from structalign.ops.backend import cpp_available, resolve_backend, triton_available
 from structalign.ops.reference import (
     CRITERIA,
     REDUCTIONS,
@@ -148,6 +148,19 @@ def test_half_precision(backend, dtype, reduction):
     assert_close(grad.float(), ref_grad.float(), HALF_TOL[dtype], 1e-3 * ref_grad.abs().max().item(), "grad")
 
 
+@needs_cpp
+def test_auto_backend_and_mixed_dtypes():
+    assert resolve_backend("auto", torch.device("cpu"), OP) == "cpp"
+    rel = make_relations("lap29")
+    pred, target, weight = make_inputs(2, 29)
+    pred = pred.to(torch.bfloat16)  # as under autocast, against float32 targets
+    loss, grad = loss_and_grad(pred, target, rel, weight, "soft_wing", "mean", "auto")
+    ref_loss, ref_grad = loss_and_grad(pred, target, rel, weight, "soft_wing", "mean", "reference")
+    assert grad.dtype == torch.bfloat16
+    assert_close(loss, ref_loss, 1e-5, 1e-5, "loss")
+    assert_close(grad.float(), ref_grad.float(), HALF_TOL[torch.bfloat16], 1e-6, "grad")
+
+
 def _away_from_kinks(rel, batch, seed):
     """float64 inputs whose relation residuals keep 1e-3 away from 0 and from the soft-wing kink at omega1 = 2."""
     gen = torch.Generator().manual_seed(seed)
@@ -233,6 +246,18 @@ def test_no_gradient_requested():
     out, _ = torch.ops.structalign.relative_location_loss(*_op_args(rel, x, target, None, 0, need_grad=False))
     with pytest.raises(RuntimeError, match="need_grad=False"):
         out.backward()
+
+
+@pytest.mark.parametrize("backend", [CPP, TRITON])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_is_an_error(backend, reduction):
+    rel = make_relations("given29")
+    pred, target, _ = make_inputs(2, 29)
+    x = pred.requires_grad_()
+    loss = relative_location_loss(x, target, rel, reduction=reduction, backend=backend).sum()
+    with pytest.raises(RuntimeError, match="double backward|once_differentiable"):
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        g.sum().backward()
 
 
 @needs_cpp
