@@ -58,7 +58,8 @@ def run_variant(name: str, overrides: list, data: str, out: str) -> dict:
     c, o = clean.summary(), occluded.summary()
     return {"variant": name, "steps": result["steps"], "val_nme": result["best_nme"], "nme": c["nme"], "fr": c["fr"],
             "auc": c["auc"], "occl_test_nme": o["nme"], "occl_test_fr": o["fr"],
-            "nme_occluded_pts": o["nme_occluded"], "nme_visible_pts": float(100 * occluded.point_errors[~hidden].mean()),
+            "nme_occluded_pts": o["nme_occluded"],
+            "nme_visible_pts": float(100 * occluded.point_errors[~hidden].mean()),
             "occluded_pts_share": float(hidden.mean()), "_errors": clean.errors, "_occl_errors": occluded.errors}
 
 

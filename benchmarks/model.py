@@ -2,7 +2,7 @@
 the reference backend and on the C++ backend, and the share of step time spent in the graph head and in the loss.
 
     .venv/bin/python benchmarks/model.py                 # both configurations, reference and cpp ops
-    .venv/bin/python benchmarks/model.py --reps 3 --json /tmp/model.json
+    .venv/bin/python benchmarks/model.py --reps 3 --threads 1 --json /tmp/model.json
 
 A step is model forward + criterion (Soft Wing + Laplacian relative loss) + backward, no optimiser. "head" is the
 L-GRN head alone (forward + backward from detached node features), "loss" the criterion alone (from detached
@@ -107,8 +107,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     problem = cpp_problem(device)
     backends = ["reference"] if problem else ["reference", "cpp"]

@@ -63,13 +63,19 @@ STRUCTALIGN_HD double exp_acc(double x) {
   return exp(x);
 }
 
-// Maximum and sum of exponentials (shifted by the maximum, so large logits cannot overflow) of one CSR row.
 template <typename A>
-STRUCTALIGN_HD void row_softmax_stats(const A* row_logits, int64_t deg, A& peak, A& total) {
-  peak = row_logits[0];
+STRUCTALIGN_HD A row_max(const A* row_logits, int64_t deg) {
+  A peak = row_logits[0];
   for (int64_t k = 1; k < deg; ++k) {
     peak = row_logits[k] > peak ? row_logits[k] : peak;
   }
+  return peak;
+}
+
+// Maximum and sum of exponentials of one CSR row, shifted by the maximum so that large logits cannot overflow.
+template <typename A>
+STRUCTALIGN_HD void row_softmax_stats(const A* row_logits, int64_t deg, A& peak, A& total) {
+  peak = row_max(row_logits, deg);
   total = 0;
   for (int64_t k = 0; k < deg; ++k) {
     total += exp_acc(row_logits[k] - peak);
@@ -82,13 +88,18 @@ STRUCTALIGN_HD A edge_softmax(A logit, A peak, A total) {
   return exp_acc(logit - peak) / total;
 }
 
-// attn[k] = softmax(row_logits[0..deg))[k].
+// attn[k] = softmax(row_logits[0..deg))[k], one exponential per edge.
 template <typename A>
 STRUCTALIGN_HD void row_softmax(const A* row_logits, int64_t deg, A* attn) {
-  A peak, total;
-  row_softmax_stats(row_logits, deg, peak, total);
+  const A peak = row_max(row_logits, deg);
+  A total = 0;
   for (int64_t k = 0; k < deg; ++k) {
-    attn[k] = edge_softmax(row_logits[k], peak, total);
+    attn[k] = exp_acc(row_logits[k] - peak);
+    total += attn[k];
+  }
+  const A inv = A(1) / total;
+  for (int64_t k = 0; k < deg; ++k) {
+    attn[k] *= inv;
   }
 }
 

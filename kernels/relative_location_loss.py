@@ -193,7 +193,7 @@ def relative_location_loss_forward_triton(pred, target, anchor, indptr, member, 
 def relative_location_loss_backward_triton(grad_out, pred, target, anchor, indptr, member, weight, landmark_weight,
                                            criterion: int, omega1: float, omega2: float, epsilon: float):
     """d(sum grad_out * loss) / d pred (Tensor[B, N, 2], fp32 or fp64) for reduction none; grad_out Tensor[B, R, 2]."""
-    grad_out = grad_out.to(_acc_dtype(pred))
+    grad_out = grad_out.to(_acc_dtype(pred)).contiguous()  # often an expanded scalar (the backward of .sum())
     _, grad, _ = _launch(pred, target, anchor, indptr, member, weight, landmark_weight, criterion, omega1, omega2,
                          epsilon, REDUCTIONS["none"], True, grad_out=grad_out)
     return grad

@@ -82,7 +82,8 @@ def _predict(args) -> int:
         records.append({"image": path, "box": box, "landmarks": points[i].round(3).tolist(), "overlay": overlay})
     out_json = os.path.join(args.out, "landmarks.json")
     with open(out_json, "w") as f:
-        json.dump({"scheme": predictor.scheme.name, "convention": "image pixels, pixel centres at integers", "faces": records}, f)
+        json.dump({"scheme": predictor.scheme.name, "convention": "image pixels, pixel centres at integers",
+                   "faces": records}, f)
     print(f"{len(records)} image(s): landmarks in {out_json}, overlays in {args.out}")
     return 0
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from structalign.models.landmark_graphs import laplacian_relations, resolve_scheme
+from structalign.models.lgrn import check_op_backend
 from structalign.ops import relative_location_loss
 from structalign.ops.reference import CRITERIA as FUSED_CRITERIA
 from structalign.ops.reference import relation_weight_reference
@@ -36,6 +37,8 @@ def _positive(name: str, value) -> float:
 
 def weighted_mean(elem: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Mean of elem, or sum(weight * elem) / sum(weight) with weight broadcast to elem's shape."""
+    if elem.numel() == 0:
+        return elem.sum()  # an empty batch contributes 0, not nan
     if weight is None:
         return elem.mean()
     weight = weight.to(elem.dtype).expand_as(elem)
@@ -172,6 +175,7 @@ class LandmarkCriterion(nn.Module):
         for name, value in (("relative_weight", relative_weight), ("absolute_weight", absolute_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_op_backend(op_backend)
         self.point_loss, self.scheme = point_loss, resolve_scheme(scheme)
         self.relations = laplacian_relations(self.scheme) if relative else None
         self.relative_weight, self.absolute_weight = float(relative_weight), float(absolute_weight)

@@ -130,3 +130,11 @@ def test_bad_input():
         build_criterion(relative="pairs")
     with pytest.raises(ValueError, match="relative_weight"):
         build_criterion(relative_weight=-1)
+    with pytest.raises(ValueError, match="op_backend"):
+        build_criterion(op_backend="fused")
+
+
+@pytest.mark.parametrize("name", ["soft_wing", "wing"])
+def test_empty_batch_gives_zero(name):
+    loss, parts = build_criterion(name, op_backend="reference")(torch.zeros(0, 98, 2), torch.zeros(0, 98, 2))
+    assert loss.item() == 0.0 and parts["relative"].item() == 0.0

@@ -24,25 +24,21 @@ int64_t row_grain(int64_t c) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
 }
 
-// Checks the CSR values (they come from Python unchecked when the op is called directly) and returns the largest
-// row length.
-int64_t check_csr_values(const at::Tensor& indptr, const at::Tensor& indices, int64_t n) {
+// Checks the CSR values (they come from Python unchecked when the op is called directly).
+void check_csr_values(const at::Tensor& indptr, const at::Tensor& indices, int64_t n) {
   const int64_t* ptr = indptr.data_ptr<int64_t>();
   const int64_t* idx = indices.data_ptr<int64_t>();
   const int64_t e = indices.numel();
   TORCH_CHECK(ptr[0] == 0 && ptr[n] == e, "graph_message_passing: indptr must start at 0 and end at E = ", e,
               ", got ", ptr[0], "..", ptr[n]);
-  int64_t max_deg = 0;
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(ptr[i + 1] > ptr[i], "graph_message_passing: node ", i,
                 " has no entry in indptr/indices (every row needs at least its self loop)");
-    max_deg = std::max(max_deg, ptr[i + 1] - ptr[i]);
   }
   for (int64_t k = 0; k < e; ++k) {
     TORCH_CHECK(idx[k] >= 0 && idx[k] < n, "graph_message_passing: indices[", k, "] = ", idx[k],
                 " is outside [0, ", n, ")");
   }
-  return max_deg;
 }
 
 at::ScalarType acc_type(const at::Tensor& h) {
@@ -142,32 +138,6 @@ struct Rows {
   }
 };
 
-template <typename T>
-void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const typename Acc<T>::type* logits,
-                    int64_t logits_stride_b, const int64_t* indptr, const int64_t* indices, const T* bias, T* out,
-                    int64_t b_size, int64_t n, int64_t c, int64_t max_deg) {
-  using A = typename Acc<T>::type;
-  at::parallel_for(0, b_size * n, row_grain(c), [&](int64_t begin, int64_t end) {
-    std::vector<A> attn(max_deg), scratch(std::is_same_v<T, A> ? 0 : c);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / n, i = r % n, row = indptr[i], deg = indptr[i + 1] - row;
-      gmp::row_softmax(logits + b * logits_stride_b + row, deg, attn.data());
-      T* o = out + r * c;
-      A* acc = accumulator(o, scratch);
-      for (int64_t k = 0; k < deg; ++k) {
-        const int64_t j = indices[row + k];
-        const T* v = j == i ? hs.at(h_self, b, i) : hn.at(h_nbr, b, j);
-        if (k == 0) {
-          scale_into(attn[k], v, bias, acc, c);
-        } else {
-          axpy(attn[k], v, acc, c);
-        }
-      }
-      store_row(acc, o, c);
-    }
-  });
-}
-
 // Softmax of every row for the Bl logit sets (Bl = 1 shared, B per face) into attn (Tensor[Bl, E], acc type).
 template <typename A>
 void softmax_kernel(const A* logits, const int64_t* indptr, A* attn, int64_t sets, int64_t n, int64_t e) {
@@ -175,6 +145,33 @@ void softmax_kernel(const A* logits, const int64_t* indptr, A* attn, int64_t set
     for (int64_t r = begin; r < end; ++r) {
       const int64_t s = r / n, i = r % n, row = indptr[i];
       gmp::row_softmax(logits + s * e + row, indptr[i + 1] - row, attn + s * e + row);
+    }
+  });
+}
+
+// out rows from the softmax attn (Tensor[sets, E], acc type; attn_stride_b = 0 when the logits are shared).
+template <typename T>
+void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const typename Acc<T>::type* attn,
+                    int64_t attn_stride_b, const int64_t* indptr, const int64_t* indices, const T* bias, T* out,
+                    int64_t b_size, int64_t n, int64_t c) {
+  using A = typename Acc<T>::type;
+  at::parallel_for(0, b_size * n, row_grain(c), [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(std::is_same_v<T, A> ? 0 : c);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / n, i = r % n, row = indptr[i], deg = indptr[i + 1] - row;
+      const A* a = attn + b * attn_stride_b + row;
+      T* o = out + r * c;
+      A* acc = accumulator(o, scratch);
+      for (int64_t k = 0; k < deg; ++k) {
+        const int64_t j = indices[row + k];
+        const T* v = j == i ? hs.at(h_self, b, i) : hn.at(h_nbr, b, j);
+        if (k == 0) {
+          scale_into(a[k], v, bias, acc, c);
+        } else {
+          axpy(a[k], v, acc, c);
+        }
+      }
+      store_row(acc, o, c);
     }
   });
 }
@@ -257,19 +254,23 @@ at::Tensor graph_message_passing_cpu(const at::Tensor& h_self_in, const at::Tens
   TORCH_INTERNAL_ASSERT(h_self_in.device().is_cpu());
   const int64_t b = h_self_in.size(0), n = h_self_in.size(1), c = h_self_in.size(2);
   const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
-  const int64_t max_deg = check_csr_values(indptr, indices, n);
+  check_csr_values(indptr, indices, n);
   at::Tensor out = at::empty({b, n, c}, h_self_in.options());
   if (out.numel() == 0) return out;
   const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
   const at::Tensor logits = logits_in.to(acc_type(h_self)).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const int64_t logits_stride_b = logits.dim() == 2 ? logits.size(1) : 0;
+  const bool per_face = logits.dim() == 2;
+  const int64_t sets = per_face ? b : 1, e = indices.numel();
+  // The softmax once per logit set (not once per face when they are shared), then the aggregation.
+  at::Tensor attn = at::empty({sets, e}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_self.scalar_type(), "graph_message_passing_cpu", [&] {
+    using A = typename Acc<scalar_t>::type;
+    softmax_kernel<A>(logits.data_ptr<A>(), indptr.data_ptr<int64_t>(), attn.data_ptr<A>(), sets, n, e);
     forward_kernel<scalar_t>(h_self.data_ptr<scalar_t>(), Rows::of(h_self), h_nbr.data_ptr<scalar_t>(),
-                             Rows::of(h_nbr), logits.data_ptr<typename Acc<scalar_t>::type>(), logits_stride_b,
-                             indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(),
-                             bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), b, n, c,
-                             max_deg);
+                             Rows::of(h_nbr), attn.data_ptr<A>(), per_face ? e : 0, indptr.data_ptr<int64_t>(),
+                             indices.data_ptr<int64_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+                             out.data_ptr<scalar_t>(), b, n, c);
   });
   return out;
 }

@@ -37,7 +37,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"checkpoint {path!r} cannot be read (corrupt or not a structalign checkpoint): {exc}") from None
+        raise ValueError(f"checkpoint {path!r} cannot be read (corrupt or not a structalign checkpoint): "
+                         f"{exc}") from None
     missing = [k for k in ("model", "model_args", "config") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"checkpoint {path!r} is not a structalign checkpoint: missing {missing}")

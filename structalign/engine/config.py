@@ -30,7 +30,7 @@ class DataConfig:
     loader: str = "dali"  # dali | reference
     num_threads: int = 2  # loader worker threads/processes (reference: 0 = in the training process)
     balance: str | None = None  # None | pdb (pose-based data balancing)
-    augment: dict | None = field(default_factory=dict)  # keyword arguments of structalign.data.AugmentConfig; null = off
+    augment: dict | None = field(default_factory=dict)  # kwargs of structalign.data.AugmentConfig; null = off
 
 
 @dataclass(frozen=True)

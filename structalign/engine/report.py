@@ -61,7 +61,8 @@ def write_report(result: EvalResult, dataset, out_dir: str, title: str, overlays
         draw_overlay(dataset[i].image_path, result.predictions[i], os.path.join(out_dir, name),
                      reference=result.targets[i])
         pictures.append(name)
-    lines = [f"# {title}", "", "| images | NME % | FR@0.1 % | AUC@0.1 | NME occluded points % |", "|---|---|---|---|---|",
+    lines = [f"# {title}", "", "| images | NME % | FR@0.1 % | AUC@0.1 | NME occluded points % |",
+             "|---|---|---|---|---|",
              f"| {summary['images']} | {summary['nme']:.3f} | {summary['fr']:.2f} | {summary['auc']:.4f} | "
              f"{_num(summary['nme_occluded'])} |", "",
              "NME normalised by the inter-ocular distance (outer eye corners); FR and AUC at 0.1.", ""]

@@ -165,7 +165,8 @@ def train(cfg: Config, resume: str | None = None, on_step=None) -> dict:
         set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
     model = torch.compile(raw_model) if tc.compile else raw_model
     if env.distributed:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
 
     def checkpoint(epoch: int, batch: int) -> dict:
         return {"model": raw_model.state_dict(), "ema": ema.state_dict() if ema else None, "model_args": args,
@@ -302,7 +303,8 @@ def train(cfg: Config, resume: str | None = None, on_step=None) -> dict:
         teardown_distributed(env)
     if main and interrupted:
         print(f"interrupted at step {step}; resume with --resume {last_path}", flush=True)
-    return {"model": raw_model, "ema": ema.module if ema else None, "losses": losses, "steps": step, "epoch": epoch, "interrupted": interrupted,
+    return {"model": raw_model, "ema": ema.module if ema else None, "losses": losses, "steps": step, "epoch": epoch,
+            "interrupted": interrupted,
             "best_nme": best_nme if best_epoch is not None else None, "best_epoch": best_epoch,
             "last_checkpoint": last_path, "best_checkpoint": best_path if best_epoch is not None else None,
             "images_per_s": timed_images / timed_seconds if timed_seconds > 0 else None, "val": history}

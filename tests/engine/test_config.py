@@ -20,7 +20,8 @@ def test_shipped_configs_load(name):
 
 def test_wflw_config_is_the_paper_recipe():
     cfg = load_config("wflw_lgrn_r34", check_data=False)
-    assert (cfg.model.arch, cfg.model.backbone, cfg.data.image_size, cfg.data.balance) == ("lgrn", "resnet34", 256, "pdb")
+    model = (cfg.model.arch, cfg.model.backbone, cfg.data.image_size, cfg.data.balance)
+    assert model == ("lgrn", "resnet34", 256, "pdb")
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.01, 0.9, 5e-4)
     assert (cfg.optim.milestones, cfg.optim.gamma, cfg.train.epochs, cfg.train.batch_size) == ((200, 350), 0.2, 500, 64)
     assert cfg.loss.params == {"omega1": 2.0, "omega2": 20.0, "epsilon": 0.5}
