@@ -31,7 +31,7 @@ from structalign.models import build_model  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CASES = {  # name: (backbone, image size, batch)
-    "demo r18 128px": ("resnet18", 128, 32),
+    "r18 128px": ("resnet18", 128, 32),
     "paper r34 256px": ("resnet34", 256, 16),
 }
 

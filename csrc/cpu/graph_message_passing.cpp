@@ -138,40 +138,54 @@ struct Rows {
   }
 };
 
-// Softmax of every row for the Bl logit sets (Bl = 1 shared, B per face) into attn (Tensor[Bl, E], acc type).
+// Softmax of every row of one logit set (Tensor[E], acc type) into attn (Tensor[E]).
 template <typename A>
-void softmax_kernel(const A* logits, const int64_t* indptr, A* attn, int64_t sets, int64_t n, int64_t e) {
-  at::parallel_for(0, sets * n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t s = r / n, i = r % n, row = indptr[i];
-      gmp::row_softmax(logits + s * e + row, indptr[i + 1] - row, attn + s * e + row);
-    }
-  });
+void graph_softmax(const A* logits, const int64_t* indptr, int64_t n, A* attn) {
+  for (int64_t i = 0; i < n; ++i) {
+    gmp::row_softmax(logits + indptr[i], indptr[i + 1] - indptr[i], attn + indptr[i]);
+  }
 }
 
-// out rows from the softmax attn (Tensor[sets, E], acc type; attn_stride_b = 0 when the logits are shared).
+// Faces per parallel_for task. Tasks own whole faces so that per-face softmaxes are computed inside the one
+// parallel region (each extra region costs a thread hand-off, and a scheduler time slice on a loaded machine).
+int64_t face_grain(int64_t n, int64_t c) {
+  return std::max<int64_t>(1, row_grain(c) / std::max<int64_t>(n, 1));
+}
+
+// The softmax of face b: the shared one, or face b's computed into `scratch` when the logits are per face.
+template <typename A>
+const A* face_attn(const A* logits, const A* shared_attn, bool per_face, int64_t b, const int64_t* indptr, int64_t n,
+                   int64_t e, std::vector<A>& scratch) {
+  if (!per_face) return shared_attn;
+  graph_softmax(logits + b * e, indptr, n, scratch.data());
+  return scratch.data();
+}
+
+// out (Tensor[B, N, C]) row by row: out_i = sum_e A_e v_e (+ bias).
 template <typename T>
-void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const typename Acc<T>::type* attn,
-                    int64_t attn_stride_b, const int64_t* indptr, const int64_t* indices, const T* bias, T* out,
-                    int64_t b_size, int64_t n, int64_t c) {
+void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const typename Acc<T>::type* logits,
+                    const typename Acc<T>::type* shared_attn, bool per_face, const int64_t* indptr,
+                    const int64_t* indices, const T* bias, T* out, int64_t b_size, int64_t n, int64_t c, int64_t e) {
   using A = typename Acc<T>::type;
-  at::parallel_for(0, b_size * n, row_grain(c), [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(std::is_same_v<T, A> ? 0 : c);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / n, i = r % n, row = indptr[i], deg = indptr[i + 1] - row;
-      const A* a = attn + b * attn_stride_b + row;
-      T* o = out + r * c;
-      A* acc = accumulator(o, scratch);
-      for (int64_t k = 0; k < deg; ++k) {
-        const int64_t j = indices[row + k];
-        const T* v = j == i ? hs.at(h_self, b, i) : hn.at(h_nbr, b, j);
-        if (k == 0) {
-          scale_into(a[k], v, bias, acc, c);
-        } else {
-          axpy(a[k], v, acc, c);
+  at::parallel_for(0, b_size, face_grain(n, c), [&](int64_t b_begin, int64_t b_end) {
+    std::vector<A> scratch(std::is_same_v<T, A> ? 0 : c), attn_scratch(per_face ? e : 0);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const A* attn = face_attn(logits, shared_attn, per_face, b, indptr, n, e, attn_scratch);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = indptr[i], deg = indptr[i + 1] - row;
+        T* o = out + (b * n + i) * c;
+        A* acc = accumulator(o, scratch);
+        for (int64_t k = 0; k < deg; ++k) {
+          const int64_t j = indices[row + k];
+          const T* v = j == i ? hs.at(h_self, b, i) : hn.at(h_nbr, b, j);
+          if (k == 0) {
+            scale_into(attn[row + k], v, bias, acc, c);
+          } else {
+            axpy(attn[row + k], v, acc, c);
+          }
         }
+        store_row(acc, o, c);
       }
-      store_row(acc, o, c);
     }
   });
 }
@@ -197,51 +211,54 @@ Transposed transpose(const int64_t* indptr, const int64_t* indices, int64_t n, i
 
 template <typename T>
 void backward_kernel(const T* grad_out, Rows go, const T* h_self, Rows hs, const T* h_nbr, Rows hn,
-                     const typename Acc<T>::type* attn, int64_t attn_stride_b, const int64_t* indptr,
-                     const int64_t* indices, const Transposed& tg, T* grad_h_self, T* grad_h_nbr,
-                     typename Acc<T>::type* grad_logits, int64_t b_size, int64_t n, int64_t c, int64_t e) {
+                     const typename Acc<T>::type* logits, const typename Acc<T>::type* shared_attn, bool per_face,
+                     const int64_t* indptr, const int64_t* indices, const Transposed& tg, T* grad_h_self,
+                     T* grad_h_nbr, typename Acc<T>::type* grad_logits, int64_t b_size, int64_t n, int64_t c,
+                     int64_t e) {
   using A = typename Acc<T>::type;
-  at::parallel_for(0, b_size * n, row_grain(c), [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(std::is_same_v<T, A> ? 0 : c);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / n, k = r % n, row = indptr[k], row_end = indptr[k + 1];
-      const A* a_b = attn + b * attn_stride_b;
-      const T* g = go.at(grad_out, b, k);
-      if (grad_h_self != nullptr) {
-        A a_self = 0;
-        for (int64_t f = row; f < row_end; ++f) a_self += indices[f] == k ? a_b[f] : A(0);
-        scale_store(a_self, g, grad_h_self + r * c, c);
-      }
-      if (grad_logits != nullptr) {
-        // d_f = <g_k, v_f> for the row's edges, kept in grad_logits until the row's weighted sum is known.
-        A* gl = grad_logits + b * e;
-        A weighted = 0;
-        for (int64_t f = row; f < row_end; ++f) {
-          const int64_t j = indices[f];
-          gl[f] = dot(g, j == k ? hs.at(h_self, b, k) : hn.at(h_nbr, b, j), c);
-          weighted += a_b[f] * gl[f];
+  at::parallel_for(0, b_size, face_grain(n, c), [&](int64_t b_begin, int64_t b_end) {
+    std::vector<A> scratch(std::is_same_v<T, A> ? 0 : c), attn_scratch(per_face ? e : 0);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const A* a_b = face_attn(logits, shared_attn, per_face, b, indptr, n, e, attn_scratch);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t r = b * n + k, row = indptr[k], row_end = indptr[k + 1];
+        const T* g = go.at(grad_out, b, k);
+        if (grad_h_self != nullptr) {
+          A a_self = 0;
+          for (int64_t f = row; f < row_end; ++f) a_self += indices[f] == k ? a_b[f] : A(0);
+          scale_store(a_self, g, grad_h_self + r * c, c);
         }
-        for (int64_t f = row; f < row_end; ++f) gl[f] = gmp::softmax_backward(a_b[f], gl[f], weighted);
-      }
-      if (grad_h_nbr != nullptr) {
-        T* gn = grad_h_nbr + r * c;
-        A* acc = accumulator(gn, scratch);
-        bool first = true;
-        for (int64_t t = tg.in_ptr[k]; t < tg.in_ptr[k + 1]; ++t) {
-          const int64_t f = tg.in_edges[t], i = tg.edge_row[f];
-          if (i == k) continue;  // the self loop reads h_self, not h_nbr
-          const T* gi = go.at(grad_out, b, i);
-          if (first) {
-            scale_into(a_b[f], gi, static_cast<const T*>(nullptr), acc, c);
-          } else {
-            axpy(a_b[f], gi, acc, c);
+        if (grad_logits != nullptr) {
+          // d_f = <g_k, v_f> for the row's edges, kept in grad_logits until the row's weighted sum is known.
+          A* gl = grad_logits + b * e;
+          A weighted = 0;
+          for (int64_t f = row; f < row_end; ++f) {
+            const int64_t j = indices[f];
+            gl[f] = dot(g, j == k ? hs.at(h_self, b, k) : hn.at(h_nbr, b, j), c);
+            weighted += a_b[f] * gl[f];
           }
-          first = false;
+          for (int64_t f = row; f < row_end; ++f) gl[f] = gmp::softmax_backward(a_b[f], gl[f], weighted);
         }
-        if (first) {
-          std::fill(acc, acc + c, A(0));
+        if (grad_h_nbr != nullptr) {
+          T* gn = grad_h_nbr + r * c;
+          A* acc = accumulator(gn, scratch);
+          bool first = true;
+          for (int64_t t = tg.in_ptr[k]; t < tg.in_ptr[k + 1]; ++t) {
+            const int64_t f = tg.in_edges[t], i = tg.edge_row[f];
+            if (i == k) continue;  // the self loop reads h_self, not h_nbr
+            const T* gi = go.at(grad_out, b, i);
+            if (first) {
+              scale_into(a_b[f], gi, static_cast<const T*>(nullptr), acc, c);
+            } else {
+              axpy(a_b[f], gi, acc, c);
+            }
+            first = false;
+          }
+          if (first) {
+            std::fill(acc, acc + c, A(0));
+          }
+          store_row(acc, gn, c);
         }
-        store_row(acc, gn, c);
       }
     }
   });
@@ -261,16 +278,17 @@ at::Tensor graph_message_passing_cpu(const at::Tensor& h_self_in, const at::Tens
   const at::Tensor logits = logits_in.to(acc_type(h_self)).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const bool per_face = logits.dim() == 2;
-  const int64_t sets = per_face ? b : 1, e = indices.numel();
-  // The softmax once per logit set (not once per face when they are shared), then the aggregation.
-  at::Tensor attn = at::empty({sets, e}, logits.options());
+  const int64_t e = indices.numel();
+  // Shared logits: one softmax for all faces, here; per-face logits: each face's inside the parallel loop.
+  at::Tensor shared_attn = at::empty({per_face ? 0 : e}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_self.scalar_type(), "graph_message_passing_cpu", [&] {
     using A = typename Acc<scalar_t>::type;
-    softmax_kernel<A>(logits.data_ptr<A>(), indptr.data_ptr<int64_t>(), attn.data_ptr<A>(), sets, n, e);
+    if (!per_face) graph_softmax(logits.data_ptr<A>(), indptr.data_ptr<int64_t>(), n, shared_attn.data_ptr<A>());
     forward_kernel<scalar_t>(h_self.data_ptr<scalar_t>(), Rows::of(h_self), h_nbr.data_ptr<scalar_t>(),
-                             Rows::of(h_nbr), attn.data_ptr<A>(), per_face ? e : 0, indptr.data_ptr<int64_t>(),
-                             indices.data_ptr<int64_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
-                             out.data_ptr<scalar_t>(), b, n, c);
+                             Rows::of(h_nbr), logits.data_ptr<A>(), shared_attn.data_ptr<A>(), per_face,
+                             indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(),
+                             bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), b, n, c,
+                             e);
   });
   return out;
 }
@@ -297,16 +315,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
     const at::Tensor grad_out = channels_contiguous(grad_out_in);
     const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
     const at::Tensor logits = logits_in.to(acc).contiguous();
-    const int64_t sets = per_face ? b : 1;
-    at::Tensor attn = at::empty({sets, e}, logits.options());
+    at::Tensor shared_attn = at::empty({per_face ? 0 : e}, logits.options());
     const Transposed tg = transpose(indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), n, e);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_self.scalar_type(),
                                     "graph_message_passing_backward_cpu", [&] {
       using A = typename Acc<scalar_t>::type;
-      softmax_kernel<A>(logits.data_ptr<A>(), indptr.data_ptr<int64_t>(), attn.data_ptr<A>(), sets, n, e);
+      if (!per_face) graph_softmax(logits.data_ptr<A>(), indptr.data_ptr<int64_t>(), n, shared_attn.data_ptr<A>());
       backward_kernel<scalar_t>(
           grad_out.data_ptr<scalar_t>(), Rows::of(grad_out), h_self.data_ptr<scalar_t>(), Rows::of(h_self),
-          h_nbr.data_ptr<scalar_t>(), Rows::of(h_nbr), attn.data_ptr<A>(), per_face ? e : 0,
+          h_nbr.data_ptr<scalar_t>(), Rows::of(h_nbr), logits.data_ptr<A>(), shared_attn.data_ptr<A>(), per_face,
           indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), tg,
           need_hs ? grad_h_self.data_ptr<scalar_t>() : nullptr, need_hn ? grad_h_nbr.data_ptr<scalar_t>() : nullptr,
           need_logits ? grad_logits_faces.data_ptr<A>() : nullptr, b, n, c, e);
