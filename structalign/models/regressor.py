@@ -1,7 +1,9 @@
-"""LandmarkRegressor: images -> landmark (x, y) in pixels of the input image (pixel-centre convention).
+"""LandmarkRegressor: images -> landmark (x, y) in pixels of the input image.
+
+Coordinates put pixel centres at integers (pixel (0, 0) spans [-0.5, 0.5]), as the data pipelines do.
 
     images -> [resize to image_size] -> per-image z-score -> backbone -> neck -> head -> offsets (px)
-    landmarks = (shape_prior * image_size + offsets) * (W, H) / image_size
+    p = shape_prior * image_size + offsets;  landmarks = (p + 0.5) * (W, H) / image_size - 0.5
 
 shape_prior (learned, Tensor[N, 2] in units of the image side) starts at the mean shape given to the builder (or at
 the image centre), so the head only regresses each face's offset from it; the paper regresses pixels directly.
@@ -65,7 +67,7 @@ class LandmarkRegressor(nn.Module):
         offsets = self.head(*self.head_input(features))
         points = self.shape_prior * self.image_size + upcast(offsets)
         if (h, w) != (self.image_size, self.image_size):
-            points = points * points.new_tensor([w / self.image_size, h / self.image_size])
+            points = (points + 0.5) * points.new_tensor([w / self.image_size, h / self.image_size]) - 0.5
         return points
 
     @torch.no_grad()
