@@ -69,6 +69,13 @@ void check_graph_message_passing_backward_args(const at::Tensor& grad_out, const
               grad_out.device(), " but h_self is on ", h_self.device());
 }
 
+at::Tensor grad_logits_from_faces(const at::Tensor& faces, const at::Tensor& logits, bool needed) {
+  if (!needed) {
+    return at::empty({0}, logits.options());
+  }
+  return (logits.dim() == 2 ? faces : faces.sum(0)).to(logits.scalar_type());
+}
+
 at::Tensor channels_contiguous(const at::Tensor& h) {
   return (h.stride(2) == 1 || h.size(2) <= 1) ? h : h.contiguous();
 }

@@ -17,6 +17,10 @@ void check_graph_message_passing_backward_args(const at::Tensor& grad_out, const
                                                const at::Tensor& h_nbr, const at::Tensor& logits,
                                                const at::Tensor& indptr, const at::Tensor& indices);
 
+// The logits' gradient from the per-face accumulation faces (Tensor[B, E], fp32/fp64): as is for per-face logits,
+// summed over the batch for shared ones, in the logits' dtype; an empty [0] tensor when it is not needed.
+at::Tensor grad_logits_from_faces(const at::Tensor& faces, const at::Tensor& logits, bool needed);
+
 // h with unit stride over channels (a view when it already has one), so kernels read rows through strides.
 at::Tensor channels_contiguous(const at::Tensor& h);
 

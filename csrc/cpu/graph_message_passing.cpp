@@ -333,11 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
     if (need_hn) grad_h_nbr.zero_();
     if (need_logits) grad_logits_faces.zero_();
   }
-  at::Tensor grad_logits = empty(logits_in);
-  if (need_logits) {
-    grad_logits = (per_face ? grad_logits_faces : grad_logits_faces.sum(0)).to(logits_in.scalar_type());
-  }
-  return {grad_h_self, grad_h_nbr, grad_logits, grad_bias};
+  return {grad_h_self, grad_h_nbr, grad_logits_from_faces(grad_logits_faces, logits_in, need_logits), grad_bias};
 }
 
 }  // namespace

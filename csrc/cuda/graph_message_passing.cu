@@ -10,6 +10,7 @@
 
 #include <limits>
 
+#include "cuda/cuda_type.h"
 #include "graph_message_passing.h"
 #include "graph_message_passing_kernels.cuh"
 
@@ -18,20 +19,6 @@ namespace structalign {
 namespace {
 
 constexpr int kMaxThreads = 256;
-
-// The torch-free kernels take CUDA's own half types; at::Half / at::BFloat16 share their bit layout.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 at::ScalarType acc_type(const at::Tensor& h) {
   return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -138,11 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
     if (need_hn) grad_h_nbr.zero_();
     if (need_logits) grad_logits_faces.zero_();
   }
-  at::Tensor grad_logits = empty(logits_in);
-  if (need_logits) {
-    grad_logits = (per_face ? grad_logits_faces : grad_logits_faces.sum(0)).to(logits_in.scalar_type());
-  }
-  return {grad_h_self, grad_h_nbr, grad_logits, grad_bias};
+  return {grad_h_self, grad_h_nbr, grad_logits_from_faces(grad_logits_faces, logits_in, need_logits), grad_bias};
 }
 
 }  // namespace

@@ -8,28 +8,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "cuda/cuda_type.h"
 #include "cuda/relative_location_loss_kernels.cuh"
 #include "relative_location_loss.h"
 
 namespace structalign {
 
 namespace {
-
-template <typename T>
-struct DeviceType {
-  using type = T;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 // Forward (grad_out undefined) or the backward of reduction none. Returns (loss, grad_pred) as the schema describes.
 std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& grad_out, const at::Tensor& pred,
@@ -57,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& grad_out, const at
     const double count = static_cast<double>(b) * r * 2;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "relative_location_loss_cuda", [&] {
-      using T = typename DeviceType<scalar_t>::type;
+      using T = typename CudaType<scalar_t>::type;
       using A = at::opmath_type<scalar_t>;
       const A grad_scale = (!backward && reduction == rll::kMean && !lw.defined()) ? static_cast<A>(1.0 / count)
                                                                                     : A(1);

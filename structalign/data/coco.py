@@ -11,7 +11,6 @@ import os
 import numpy as np
 
 from structalign.data.records import DatasetError, FaceDataset, Problems, make_record
-from structalign.landmarks import scheme_for
 
 
 def annotation_path(root: str, split: str) -> str:
@@ -58,16 +57,10 @@ def read_coco(root: str, split: str = "train", on_error: str = "raise") -> FaceD
         if not isinstance(file_name, str):
             problems.report(source, entry, f"image {ann['image_id']} has no file_name")
             continue
-        try:
-            entry_scheme = scheme_for(len(keypoints))
-        except ValueError as e:
-            problems.report(source, entry, str(e))
+        entry_scheme = problems.entry_scheme(scheme, len(keypoints), source, entry, "keypoints")
+        if entry_scheme is None:
             continue
-        if scheme is None:
-            scheme = entry_scheme
-        elif entry_scheme is not scheme:
-            problems.report(source, entry, f"{len(keypoints)} keypoints; earlier entries have {scheme.num_points}")
-            continue
+        scheme = entry_scheme
         record = make_record(problems, source, entry, _image_path(root, file_name), keypoints[:, :2],
                              [x, y, x + w, y + h], visibility=(keypoints[:, 2] > 0).astype(np.float32))
         if record is not None:

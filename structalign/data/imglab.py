@@ -16,7 +16,6 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from structalign.data.records import DatasetError, FaceDataset, Problems, Skipped, make_record
-from structalign.landmarks import scheme_for
 
 
 def annotation_path(root: str, split: str) -> str:
@@ -70,16 +69,10 @@ def read_imglab(root: str, split: str = "train", on_error: str = "raise") -> Fac
             points = _parts(box, where, None, problems)
             if points is None:
                 continue
-            try:
-                box_scheme = scheme_for(len(points))
-            except ValueError as e:
-                problems.report(where, None, str(e))
+            box_scheme = problems.entry_scheme(scheme, len(points), where, None, "parts")
+            if box_scheme is None:
                 continue
-            if scheme is None:
-                scheme = box_scheme
-            elif box_scheme is not scheme:
-                problems.report(where, None, f"{len(points)} parts; earlier boxes have {scheme.num_points}")
-                continue
+            scheme = box_scheme
             record = make_record(problems, where, None, os.path.join(base, file_name or ""), points,
                                  [left, top, left + width, top + height])
             if record is not None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from structalign.landmarks import LandmarkScheme
+from structalign.landmarks import LandmarkScheme, scheme_for
 
 ON_ERROR = ("raise", "skip")
 
@@ -61,6 +61,20 @@ class Problems:
         if self.on_error == "raise":
             raise DatasetError(f"{item} (pass on_error='skip' to skip and count such entries)")
         self.skipped.append(item)
+
+    def entry_scheme(self, current: Optional[LandmarkScheme], count: int, source: str, line: Optional[int],
+                     what: str) -> Optional[LandmarkScheme]:
+        """The scheme of an entry with `count` points; None (reported) when no scheme has that many points or it
+        differs from `current`, the scheme of the entries read before it."""
+        try:
+            found = scheme_for(count)
+        except ValueError as e:
+            self.report(source, line, str(e))
+            return None
+        if current is not None and found is not current:
+            self.report(source, line, f"{count} {what}; earlier entries have {current.num_points}")
+            return None
+        return found
 
 
 class FaceDataset:
