@@ -69,11 +69,33 @@ void check_graph_message_passing_backward_args(const at::Tensor& grad_out, const
               grad_out.device(), " but h_self is on ", h_self.device());
 }
 
-at::Tensor grad_logits_from_faces(const at::Tensor& faces, const at::Tensor& logits, bool needed) {
-  if (!needed) {
-    return at::empty({0}, logits.options());
+at::ScalarType graph_acc_type(const at::Tensor& h_self) {
+  return h_self.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+GraphBackwardGrads::GraphBackwardGrads(const at::Tensor& grad_out, const at::Tensor& h_self, const at::Tensor& logits,
+                                       std::array<bool, 4> output_mask)
+    : need_h_self(output_mask[0]), need_h_nbr(output_mask[1]), need_logits(output_mask[2]) {
+  const auto empty = [&] { return at::empty({0}, h_self.options()); };
+  const int64_t b = h_self.size(0), e = logits.size(-1);
+  grad_h_self = need_h_self ? at::empty(h_self.sizes(), h_self.options()) : empty();
+  grad_h_nbr = need_h_nbr ? at::empty(h_self.sizes(), h_self.options()) : empty();
+  grad_logits_faces = need_logits ? at::empty({b, e}, logits.options().dtype(graph_acc_type(h_self))) : at::Tensor();
+  grad_bias = output_mask[3] ? grad_out.sum({0, 1}, false, graph_acc_type(h_self)).to(h_self.scalar_type()) : empty();
+}
+
+void GraphBackwardGrads::zero() {
+  if (need_h_self) grad_h_self.zero_();
+  if (need_h_nbr) grad_h_nbr.zero_();
+  if (need_logits) grad_logits_faces.zero_();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> GraphBackwardGrads::result(const at::Tensor& logits) const {
+  at::Tensor grad_logits = at::empty({0}, logits.options());
+  if (need_logits) {
+    grad_logits = (logits.dim() == 2 ? grad_logits_faces : grad_logits_faces.sum(0)).to(logits.scalar_type());
   }
-  return (logits.dim() == 2 ? faces : faces.sum(0)).to(logits.scalar_type());
+  return {grad_h_self, grad_h_nbr, grad_logits, grad_bias};
 }
 
 at::Tensor channels_contiguous(const at::Tensor& h) {

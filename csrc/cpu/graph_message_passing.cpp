@@ -41,10 +41,6 @@ void check_csr_values(const at::Tensor& indptr, const at::Tensor& indices, int64
   }
 }
 
-at::ScalarType acc_type(const at::Tensor& h) {
-  return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
 // The fp32 loops are compiled for AVX-512, AVX2 and the baseline ISA (the extension is built without -march); the
 // dynamic loader picks the widest the CPU supports.
@@ -275,7 +271,7 @@ at::Tensor graph_message_passing_cpu(const at::Tensor& h_self_in, const at::Tens
   at::Tensor out = at::empty({b, n, c}, h_self_in.options());
   if (out.numel() == 0) return out;
   const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
-  const at::Tensor logits = logits_in.to(acc_type(h_self)).contiguous();
+  const at::Tensor logits = logits_in.to(graph_acc_type(h_self)).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const bool per_face = logits.dim() == 2;
   const int64_t e = indices.numel();
@@ -302,16 +298,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
   const int64_t b = h_self_in.size(0), n = h_self_in.size(1), c = h_self_in.size(2), e = indices_in.numel();
   const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
   check_csr_values(indptr, indices, n);
-  const auto [need_hs, need_hn, need_logits, need_bias] = output_mask;
-  const auto empty = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
-  at::Tensor grad_h_self = need_hs ? at::empty({b, n, c}, h_self_in.options()) : empty(h_self_in);
-  at::Tensor grad_h_nbr = need_hn ? at::empty({b, n, c}, h_self_in.options()) : empty(h_self_in);
-  at::Tensor grad_bias = need_bias ? grad_out_in.sum({0, 1}, false, acc_type(h_self_in)).to(h_self_in.scalar_type())
-                                   : empty(h_self_in);
-  const at::ScalarType acc = acc_type(h_self_in);
+  GraphBackwardGrads grads(grad_out_in, h_self_in, logits_in, output_mask);
+  const at::ScalarType acc = graph_acc_type(h_self_in);
   const bool per_face = logits_in.dim() == 2;
-  at::Tensor grad_logits_faces = need_logits ? at::empty({b, e}, logits_in.options().dtype(acc)) : at::Tensor();
-  if (b * n * c > 0 && (need_hs || need_hn || need_logits)) {
+  if (b * n * c > 0 && grads.any_kernel_output()) {
     const at::Tensor grad_out = channels_contiguous(grad_out_in);
     const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
     const at::Tensor logits = logits_in.to(acc).contiguous();
@@ -325,15 +315,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
           grad_out.data_ptr<scalar_t>(), Rows::of(grad_out), h_self.data_ptr<scalar_t>(), Rows::of(h_self),
           h_nbr.data_ptr<scalar_t>(), Rows::of(h_nbr), logits.data_ptr<A>(), shared_attn.data_ptr<A>(), per_face,
           indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), tg,
-          need_hs ? grad_h_self.data_ptr<scalar_t>() : nullptr, need_hn ? grad_h_nbr.data_ptr<scalar_t>() : nullptr,
-          need_logits ? grad_logits_faces.data_ptr<A>() : nullptr, b, n, c, e);
+          grads.need_h_self ? grads.grad_h_self.data_ptr<scalar_t>() : nullptr,
+          grads.need_h_nbr ? grads.grad_h_nbr.data_ptr<scalar_t>() : nullptr,
+          grads.need_logits ? grads.grad_logits_faces.data_ptr<A>() : nullptr, b, n, c, e);
     });
   } else {
-    if (need_hs) grad_h_self.zero_();
-    if (need_hn) grad_h_nbr.zero_();
-    if (need_logits) grad_logits_faces.zero_();
+    grads.zero();
   }
-  return {grad_h_self, grad_h_nbr, grad_logits_from_faces(grad_logits_faces, logits_in, need_logits), grad_bias};
+  return grads.result(logits_in);
 }
 
 }  // namespace

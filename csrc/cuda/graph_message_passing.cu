@@ -20,10 +20,6 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 
-at::ScalarType acc_type(const at::Tensor& h) {
-  return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Channel threads per block: whole warps, at most kMaxThreads, at most C rounded up to a warp.
 int channel_threads(int64_t c) {
   return static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (c + 31) / 32 * 32)));
@@ -48,7 +44,7 @@ at::Tensor graph_message_passing_cuda(const at::Tensor& h_self_in, const at::Ten
   if (out.numel() == 0) return out;
   const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
   const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
-  const at::Tensor logits = logits_in.to(acc_type(h_self)).contiguous();
+  const at::Tensor logits = logits_in.to(graph_acc_type(h_self)).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const int64_t logits_stride_b = logits.dim() == 2 ? e : 0;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -75,16 +71,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
   const int64_t b = h_self_in.size(0), n = h_self_in.size(1), c = h_self_in.size(2), e = indices_in.numel();
   TORCH_CHECK(b * n <= std::numeric_limits<int32_t>::max(), "graph_message_passing_backward: B * N = ", b * n,
               " rows exceed the CUDA grid");
-  const auto [need_hs, need_hn, need_logits, need_bias] = output_mask;
-  const at::ScalarType acc = acc_type(h_self_in);
+  GraphBackwardGrads grads(grad_out_in, h_self_in, logits_in, output_mask);
+  const at::ScalarType acc = graph_acc_type(h_self_in);
   const bool per_face = logits_in.dim() == 2;
-  const auto empty = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
-  at::Tensor grad_h_self = need_hs ? at::empty({b, n, c}, h_self_in.options()) : empty(h_self_in);
-  at::Tensor grad_h_nbr = need_hn ? at::empty({b, n, c}, h_self_in.options()) : empty(h_self_in);
-  at::Tensor grad_bias =
-      need_bias ? grad_out_in.sum({0, 1}, false, acc).to(h_self_in.scalar_type()) : empty(h_self_in);
-  at::Tensor grad_logits_faces = need_logits ? at::empty({b, e}, logits_in.options().dtype(acc)) : at::Tensor();
-  if (b * n * c > 0 && (need_hs || need_hn || need_logits)) {
+  if (b * n * c > 0 && grads.any_kernel_output()) {
     const at::Tensor grad_out = channels_contiguous(grad_out_in);
     const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
     const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
@@ -116,16 +106,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
           h_self.stride(0), h_self.stride(1), cuda_ptr<scalar_t>(h_nbr), h_nbr.stride(0), h_nbr.stride(1),
           attn.data_ptr<A>(), per_face ? e : 0, indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(),
           in_ptr.data_ptr<int64_t>(), in_edges.data_ptr<int64_t>(), edge_row.data_ptr<int64_t>(),
-          need_hs ? cuda_ptr<scalar_t>(grad_h_self) : nullptr, need_hn ? cuda_ptr<scalar_t>(grad_h_nbr) : nullptr,
-          need_logits ? grad_logits_faces.data_ptr<A>() : nullptr, n, c, e);
+          grads.need_h_self ? cuda_ptr<scalar_t>(grads.grad_h_self) : nullptr,
+          grads.need_h_nbr ? cuda_ptr<scalar_t>(grads.grad_h_nbr) : nullptr,
+          grads.need_logits ? grads.grad_logits_faces.data_ptr<A>() : nullptr, n, c, e);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {
-    if (need_hs) grad_h_self.zero_();
-    if (need_hn) grad_h_nbr.zero_();
-    if (need_logits) grad_logits_faces.zero_();
+    grads.zero();
   }
-  return {grad_h_self, grad_h_nbr, grad_logits_from_faces(grad_logits_faces, logits_in, need_logits), grad_bias};
+  return grads.result(logits_in);
 }
 
 }  // namespace
