@@ -53,6 +53,7 @@ def setup_distributed(requested_device: str = "auto") -> DistEnv:
 
 def teardown_distributed(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
+        dist.barrier()  # every rank's pending collectives finish before the group is destroyed
         dist.destroy_process_group()
 
 

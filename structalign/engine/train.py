@@ -300,6 +300,9 @@ def train(cfg: Config, resume: str | None = None, on_step=None) -> dict:
             signal.signal(sig, handler)
         if log is not None:
             log.close()
+        # Drop DDP's reducer while the process group is still registered: the reducer may hold the group's last
+        # reference, and ~ProcessGroupGloo joins threads that need the GIL this thread holds (seen to deadlock).
+        model = None
         teardown_distributed(env)
     if main and interrupted:
         print(f"interrupted at step {step}; resume with --resume {last_path}", flush=True)
