@@ -6,20 +6,25 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CUDA_VENV := .venv-cuda
 CUDA_PY := $(CUDA_VENV)/bin/python
-CUDA_HOME ?= /usr/local/cuda
+# `make check-cuda` builds against the torch release the runtime pins (requirements-cpu.txt), as a CUDA build.
+TORCH_PIN := $(shell sed -n 's/^torch==\([0-9][0-9.]*\).*/\1/p' requirements-cpu.txt)
+CUDA_STAMP := $(CUDA_VENV)/.installed-torch-$(TORCH_PIN)
+CHECK_CUDA_ARCHS ?= 8.0;9.0
 export MAX_JOBS ?= 2
 BUILD_LOCK := /tmp/structalign-build.lock
+OUT ?= runs/gpu-check
 
-.PHONY: demo test ext check-cuda bench clean
+.PHONY: demo test ext check-cuda check-cuda-build bench gpu-check clean
 
 $(VENV)/.installed: requirements-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-cpu.txt
 	touch $@
 
-# Editable install once (registers the package and the `structalign` command), then incremental in-place rebuilds.
+# Editable install once (registers the package and the `structalign` command; STRUCTALIGN_NO_EXT=1 leaves the
+# extension to `ext`, which compiles it once, incrementally, instead of pip compiling it first in a temp dir).
 $(VENV)/.editable: $(VENV)/.installed setup.py
-	flock $(BUILD_LOCK) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	STRUCTALIGN_NO_EXT=1 flock $(BUILD_LOCK) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 ext: $(VENV)/.editable
@@ -34,18 +39,38 @@ demo: ext
 bench: ext
 	$(PY) benchmarks/ops.py
 
-# Compile-and-link check of the whole extension, CUDA launchers included, against a CUDA build of torch
-# (torch 2.14.1+cu130 in a separate venv). Nothing runs on a GPU; the .so is loaded and its CUDA kernels listed.
-$(CUDA_VENV)/.installed:
-	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_PY) -m pip install -q torch==2.14.1 numpy ninja setuptools wheel
+# Compile-and-link check of the whole extension, CUDA launchers included, against a CUDA build of the torch release
+# that requirements-cpu.txt pins (PyPI's Linux wheel of torch==$(TORCH_PIN) is the cu130 build; the config files are
+# bypassed because their find-links folder holds the +cpu wheel, which pip would prefer). Nothing runs on a GPU: the
+# newest .so built is loaded, its ops must all have CUDA kernels, and its SASS architectures are listed.
+# Skips (exit 0, nothing built, no venv) when no CUDA toolkit is found (tools/cuda_home.py; CUDA_HOME=none forces it).
+check-cuda:
+	@cuda_home=$$($(PYTHON) tools/cuda_home.py) || { \
+	echo "check-cuda: SKIPPED (no CUDA toolkit: no nvcc in CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda); nothing built"; \
+	  exit 0; }; \
+	$(MAKE) --no-print-directory check-cuda-build CUDA_HOME="$$cuda_home"
+
+$(CUDA_STAMP):
+	rm -rf $(CUDA_VENV)
+	$(PYTHON) -m venv $(CUDA_VENV)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(CUDA_PY) -m pip install -q \
+	  torch==$(TORCH_PIN) numpy ninja setuptools wheel
+	$(CUDA_PY) -c "import sys, torch; ok = torch.version.cuda and torch.__version__.split('+')[0] == '$(TORCH_PIN)'; \
+	  print('check-cuda: torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(0 if ok else \
+	  'check-cuda: expected a CUDA build of torch $(TORCH_PIN) in $(CUDA_VENV)')"
 	touch $@
 
-check-cuda: $(CUDA_VENV)/.installed
-	@command -v nvcc >/dev/null || { echo "check-cuda: SKIPPED (no nvcc on PATH)"; exit 0; }
-	CUDA_HOME=$(CUDA_HOME) STRUCTALIGN_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" flock $(BUILD_LOCK) \
+check-cuda-build: $(CUDA_STAMP)
+	@test -n "$(CUDA_HOME)" || { echo "check-cuda-build: run it as make check-cuda"; exit 2; }
+	CUDA_HOME=$(CUDA_HOME) STRUCTALIGN_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CHECK_CUDA_ARCHS)" flock $(BUILD_LOCK) \
 	  $(CUDA_PY) setup.py -q build_ext --build-temp build/check-cuda/tmp --build-lib build/check-cuda/lib
-	$(CUDA_PY) tools/check_cuda_build.py build/check-cuda/lib
+	CUDA_HOME=$(CUDA_HOME) $(CUDA_PY) tools/check_cuda_build.py build/check-cuda/lib \
+	  --archs "$(CHECK_CUDA_ARCHS)" --torch-pin $(TORCH_PIN)
+
+# The whole GPU path in one short run, on a GPU machine's own python3 and torch (no venv, nothing installed):
+# builds for the local GPU, runs the `gpu` tests, compute-sanitizer, the op benchmark; writes $(OUT)/results.{json,md}.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build structalign/_C*.so $(VENV)/.editable

@@ -3,9 +3,12 @@
 `measure(fn, device)` runs fn with warm-up and returns the median and p20/p80 in milliseconds, timed with CUDA events
 on a GPU (synchronised) and time.perf_counter on the CPU; `peak_bytes(fn, device)` is the peak memory one call adds
 (CUDA allocator statistics on a GPU; on the CPU, the peak of a tracking allocator hook via torch.profiler).
-`print_table` prints rows as an aligned table; `write_json` stores them with the device and versions.
+`copy_bandwidth(device)` measures the device's copy bandwidth (dst.copy_(src) of a large buffer, bytes read + written
+per second), the yardstick of the memory-bound ops. `print_table` prints rows as an aligned table; `write_json` stores
+them with the device and versions.
 """
 import json
+import os
 import platform
 import statistics
 import time
@@ -22,7 +25,9 @@ class OpCase:
     provider: "eager" (the paper code's dense formulation), "reference", "compile" (torch.compile of the reference),
     "cpp" or "triton". forward(): one forward building the autograd graph as training does; backward(): one backward
     through a graph made once beforehand (retain_graph); full(): forward + backward, also the call measured for peak
-    memory.
+    memory. nbytes: the bytes the op cannot avoid moving, per mode ({"forward": ..., "backward": ..., "full": ...});
+    meta: fields copied into every row (dtype, batch, channels, layout). release(): frees what the case holds (its
+    inputs, the graph kept for "backward") once its rows are measured.
     """
 
     op: str
@@ -31,6 +36,9 @@ class OpCase:
     forward: Callable[[], object]
     backward: Callable[[], object]
     full: Callable[[], object]
+    nbytes: dict | None = None
+    meta: dict | None = None
+    release: Callable[[], None] | None = None
 
 
 def device_name(device: torch.device) -> str:
@@ -90,6 +98,20 @@ def peak_bytes(fn, device: torch.device) -> int:
     return peak
 
 
+def copy_bandwidth(device: torch.device, mbytes: int = 512, reps: int = 20, warmup: int = 5) -> dict:
+    """Copy bandwidth of `device`: median time of dst.copy_(src) over a float32 buffer of `mbytes` MiB, and
+    bytes moved (read + written) per second. On a GPU this is device-to-device, timed with CUDA events."""
+    n = mbytes * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    stats = measure(lambda: dst.copy_(src), device, warmup=warmup, reps=reps)
+    moved = 2 * src.numel() * src.element_size()
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"bytes": moved, "buffer_MiB": mbytes, **stats, "GBps": moved / (stats["median_ms"] * 1e-3) / 1e9}
+
+
 def print_table(rows: list, columns: list) -> None:
     """Print dict rows as an aligned text table over the given columns."""
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
@@ -101,12 +123,18 @@ def print_table(rows: list, columns: list) -> None:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
 
-def write_json(path: str, rows: list, device: torch.device) -> None:
-    meta = {"device": device_name(device), "torch": torch.__version__, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with open(path, "w") as f:
+def write_json(path: str, rows: list, device: torch.device, **extra) -> None:
+    """{"meta": {device, torch, timestamp, **extra}, "rows": rows}, written atomically (readable at any time)."""
+    meta = {"device": device_name(device), "torch": torch.__version__, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **extra}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    os.replace(tmp, path)

@@ -1,10 +1,11 @@
 """relative_location_loss cases of the op benchmark (driver: benchmarks/ops.py, which imports `cases`).
 
-At the paper's shapes: B = 256 faces of N = 98 landmarks (WFLW), soft-wing criterion, mean reduction, with the
-294 Laplacian relations of the top-3 neighbour lists (the paper's loss) and with all 4 753 pairs i < j. Providers:
-eager (relative_location_loss_dense: builds the delta tensors, as the paper's code), reference, compile
-(torch.compile of the reference; the driver turns off donated buffers so that "backward" can replay a graph), cpp
-and triton (CUDA only).
+At the paper's shapes: B faces (256 by default; the driver passes its --batch list) of N = 98 landmarks (WFLW),
+soft-wing criterion, mean reduction, with the 294 Laplacian relations of the top-3 neighbour lists (the paper's loss)
+and with all 4 753 pairs i < j, in each dtype asked for (pred and target in that dtype). Providers: eager
+(relative_location_loss_dense: builds the delta tensors, as the paper's code), reference, compile (torch.compile of
+the reference; the driver turns off donated buffers so that "backward" can replay a graph), cpp and triton. The bytes
+model of each mode is in benchmarks/ops.py (`loss_bytes`).
 """
 import torch
 
@@ -16,6 +17,7 @@ from structalign.ops.reference import relative_location_loss_dense, relative_loc
 
 OP = "relative_location_loss"
 BATCH, POINTS = 256, 98
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 def _relation_sets() -> dict:
@@ -36,43 +38,81 @@ def _loss_fn(provider: str, relations: RelationSet, target: torch.Tensor):
     return lambda p: relative_location_loss(p, target, relations, backend=provider)
 
 
-def _case(provider: str, mode: str, relations: RelationSet, pred: torch.Tensor, target: torch.Tensor) -> OpCase:
-    fn = _loss_fn(provider, relations, target)
-    x = pred.clone().requires_grad_()
+def _case(provider: str, mode: str, relations: RelationSet, make_inputs, batch: int, dtype: torch.dtype,
+          last: bool = False) -> OpCase:
+    state = {}
+
+    def release():
+        state.clear()
+        if last:
+            make_inputs.release()
+
+    def setup():
+        if "fn" not in state:  # made on first use, so that building the case list costs nothing
+            pred, target = make_inputs()
+            state["fn"] = _loss_fn(provider, relations, target)
+            state["x"] = pred.clone().requires_grad_()
+        return state["fn"], state["x"]
 
     def forward():
+        fn, x = setup()
         return fn(x)
 
-    graph = {}
-
     def backward():
-        if "loss" not in graph:  # one forward, made lazily so that construction stays cheap
-            graph["loss"] = fn(x)
+        fn, x = setup()
+        if "loss" not in state:  # one forward, made lazily
+            state["loss"] = fn(x)
         x.grad = None
-        graph["loss"].backward(retain_graph=True)
+        state["loss"].backward(retain_graph=True)
 
     def full():
+        fn, x = setup()
         x.grad = None
         fn(x).backward()
 
-    shape = f"B={pred.shape[0]} N={pred.shape[1]} {mode}"
-    return OpCase(OP, shape, provider, forward, backward, full)
+    name = DTYPE_NAMES.get(dtype, str(dtype))
+    shape = f"B={batch} N={POINTS} {name} {mode}"
+    size = torch.empty((), dtype=dtype).element_size()
+    p = batch * POINTS * 2 * size
+    nbytes = {"forward": 2 * p, "backward": 2 * p, "full": 3 * p}  # the model of benchmarks/ops.py's docstring
+    meta = {"dtype": name, "batch": batch, "channels": None, "layout": mode}
+    return OpCase(OP, shape, provider, forward, backward, full, nbytes, meta, release)
 
 
 def providers(device: torch.device) -> list:
     names = ["eager", "reference", "compile"]
     if cpp_available(device.type, OP):
         names.append("cpp")
-    if device.type == "cuda" and triton_available("cuda"):
+    if triton_available(device.type):  # on the CPU only under TRITON_INTERPRET=1
         names.append("triton")
     return names
 
 
-def cases(device: torch.device) -> list:
-    """OpCases (benchmarks/harness.py) for every provider available on `device`, soft-wing mean, B = 256, N = 98."""
-    gen = torch.Generator().manual_seed(0)
-    target = torch.rand(BATCH, POINTS, 2, generator=gen) * 256
-    pred = target + torch.randn(BATCH, POINTS, 2, generator=gen) * 3  # a few pixels off: both soft-wing branches
-    target, pred = target.to(device), pred.to(device)
-    return [_case(provider, mode, relations, pred, target)
-            for mode, relations in _relation_sets().items() for provider in providers(device)]
+def _inputs(batch: int, dtype: torch.dtype, device: torch.device):
+    made = {}
+
+    def make():
+        if "pair" not in made:
+            gen = torch.Generator().manual_seed(batch)
+            target = torch.rand(batch, POINTS, 2, generator=gen) * 256
+            pred = target + torch.randn(batch, POINTS, 2, generator=gen) * 3  # a few pixels off: both branches
+            made["pair"] = (pred.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype))
+        return made["pair"]
+
+    make.release = made.clear
+    return make
+
+
+def cases(device: torch.device, batches=(BATCH,), dtypes=(torch.float32,), providers=None) -> list:
+    """OpCases (benchmarks/harness.py), soft-wing mean, N = 98, for every batch x dtype x relation set x provider
+    (default: every provider available on `device`)."""
+    names = providers if providers is not None else globals()["providers"](device)
+    out = []
+    for batch in batches:
+        for dtype in dtypes:
+            make_inputs = _inputs(batch, dtype, device)
+            sets = list(_relation_sets().items())
+            for i, (mode, relations) in enumerate(sets):
+                out += [_case(provider, mode, relations, make_inputs, batch, dtype,
+                              last=i == len(sets) - 1 and provider == names[-1]) for provider in names]
+    return out

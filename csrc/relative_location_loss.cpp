@@ -2,37 +2,27 @@
 // checks both implementations share. structalign/ops/relative_location_loss.py is the Python contract.
 //
 // relative_location_loss: loss of criterion(delta_r(pred) - delta_r(target)) over relations r, with
-//   delta_r(P) = sum_m weight[m] P[member[m]] - P[anchor[r]]   (members of r: indptr[r] .. indptr[r + 1]).
+//   delta_r(P) = sum_m weight[m] P[member[m]] - P[anchor[r]]   (members of r: indptr[r] .. indptr[r + 1]);
+//   point_ptr / point_rel / point_coef index the same relations by landmark (relative_location_loss.h).
 //   criterion: 0 soft_wing, 1 l1, 2 mse; reduction: 0 mean, 1 sum, 2 none (relative_location_loss_math.h).
-//   Returns (loss, grad_pred). loss: a 0-dim tensor for mean / sum, Tensor[B, R, 2] for none; float64 when pred
-//   is float64, else float32. grad_pred: d loss / d pred (Tensor[B, N, 2], loss dtype) computed in the same pass
-//   when need_grad and the reduction is mean or sum (the loss is then its only consumer, so the backward is
-//   grad_out * grad_pred); an empty Tensor[0] otherwise.
+//   Computed in the accumulation dtype: float64 when pred is float64 (weight, point_coef and the soft-wing
+//   constants included), else float32. Returns (loss, grad_pred). loss: a 0-dim tensor for mean / sum,
+//   Tensor[B, R, 2] for none, in the accumulation dtype. grad_pred: d loss / d pred (Tensor[B, N, 2], accumulation
+//   dtype) computed in the same pass when need_grad and the reduction is mean or sum (the loss is then its only
+//   consumer, so the backward is grad_out * grad_pred); an empty Tensor[0] otherwise. Gradients are bitwise
+//   identical from run to run.
 // relative_location_loss_backward: d(sum grad_out * loss) / d pred for reduction none (grad_out Tensor[B, R, 2]).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "relative_location_loss.h"
 #include "relative_location_loss_math.h"
 
 namespace structalign {
 
-namespace {
-
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_index(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong, op, ": ", name, " must be a 1-D int64 tensor, got ",
-              t.scalar_type(), " of shape ", t.sizes());
-}
-
-}  // namespace
-
 void check_relative_location_loss_args(const char* op, const at::Tensor& pred, const at::Tensor& target,
-                                       const at::Tensor& anchor, const at::Tensor& indptr, const at::Tensor& member,
-                                       const at::Tensor& weight, const c10::optional<at::Tensor>& landmark_weight,
+                                       const RelationArgs& rel, const c10::optional<at::Tensor>& landmark_weight,
                                        int64_t criterion, double omega1, double omega2, double epsilon) {
   TORCH_CHECK(pred.dim() == 3 && pred.size(2) == 2, op, ": pred must have shape [B, N, 2], got ", pred.sizes());
   TORCH_CHECK(is_float_type(pred.scalar_type()), op, ": pred must be float16, bfloat16, float32 or float64, got ",
@@ -41,29 +31,33 @@ void check_relative_location_loss_args(const char* op, const at::Tensor& pred, c
               target.sizes());
   TORCH_CHECK(target.scalar_type() == pred.scalar_type(), op, ": target has dtype ", target.scalar_type(),
               " but pred has ", pred.scalar_type());
-  check_index(op, "anchor", anchor);
-  check_index(op, "indptr", indptr);
-  check_index(op, "member", member);
-  TORCH_CHECK(indptr.numel() == anchor.numel() + 1, op, ": indptr must have R + 1 = ", anchor.numel() + 1,
-              " entries for R = ", anchor.numel(), " relations, got ", indptr.numel());
-  TORCH_CHECK(weight.dim() == 1 && weight.scalar_type() == at::kFloat, op,
-              ": weight must be a 1-D float32 tensor, got ", weight.scalar_type(), " of shape ", weight.sizes());
-  TORCH_CHECK(weight.numel() == member.numel(), op, ": weight must have one entry per member (", member.numel(),
-              "), got ", weight.numel());
-  const std::pair<const char*, const at::Tensor*> others[] = {
-      {"target", &target}, {"anchor", &anchor}, {"indptr", &indptr}, {"member", &member}, {"weight", &weight}};
-  for (const auto& [name, t] : others) {
-    TORCH_CHECK(t->device() == pred.device(), op, ": ", name, " is on ", t->device(), " but pred is on ",
-                pred.device());
-  }
+  const int64_t n = pred.size(1), r = rel.anchor.numel(), m = rel.member.numel();
+  const at::ScalarType acc = acc_scalar_type(pred.scalar_type());
+  check_index_tensor(op, "anchor", rel.anchor);
+  check_index_tensor(op, "indptr", rel.indptr, r + 1, "R + 1");
+  check_index_tensor(op, "member", rel.member);
+  check_vector_tensor(op, "weight (in the accumulation dtype)", rel.weight, acc, m, "M");
+  check_index_tensor(op, "point_ptr", rel.point_ptr, n + 1, "N + 1");
+  check_index_tensor(op, "point_rel", rel.point_rel, r + m, "R + M");
+  check_vector_tensor(op, "point_coef (in the accumulation dtype)", rel.point_coef, acc, r + m, "R + M");
+  check_int32_size(op, "the number of landmarks N", n);
+  check_int32_size(op, "the number of relation entries R + M", r + m);
+  check_same_device(op, "pred", pred,
+                    {{"target", &target},
+                     {"anchor", &rel.anchor},
+                     {"indptr", &rel.indptr},
+                     {"member", &rel.member},
+                     {"weight", &rel.weight},
+                     {"point_ptr", &rel.point_ptr},
+                     {"point_rel", &rel.point_rel},
+                     {"point_coef", &rel.point_coef}});
   if (landmark_weight.has_value()) {
     const at::Tensor& lw = *landmark_weight;
-    TORCH_CHECK(lw.dim() == 2 && lw.size(0) == pred.size(0) && lw.size(1) == pred.size(1), op,
-                ": landmark_weight must have shape [", pred.size(0), ", ", pred.size(1), "], got ", lw.sizes());
+    TORCH_CHECK(lw.dim() == 2 && lw.size(0) == pred.size(0) && lw.size(1) == n, op,
+                ": landmark_weight must have shape [", pred.size(0), ", ", n, "], got ", lw.sizes());
     TORCH_CHECK(is_float_type(lw.scalar_type()), op, ": landmark_weight must be a floating tensor, got ",
                 lw.scalar_type());
-    TORCH_CHECK(lw.device() == pred.device(), op, ": landmark_weight is on ", lw.device(), " but pred is on ",
-                pred.device());
+    check_same_device(op, "pred", pred, {{"landmark_weight", &lw}});
   }
   TORCH_CHECK(criterion == rll::kSoftWing || criterion == rll::kL1 || criterion == rll::kMse, op,
               ": criterion must be 0 (soft_wing), 1 (l1) or 2 (mse), got ", criterion);
@@ -80,18 +74,14 @@ void check_relative_location_loss_reduction(int64_t reduction) {
 
 void check_relative_location_loss_grad_out(const at::Tensor& grad_out, const at::Tensor& pred,
                                            const at::Tensor& anchor) {
+  const char* op = "relative_location_loss_backward";
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == pred.size(0) && grad_out.size(1) == anchor.numel() &&
                   grad_out.size(2) == 2,
-              "relative_location_loss_backward: grad_out must have shape [", pred.size(0), ", ", anchor.numel(),
-              ", 2], got ", grad_out.sizes());
-  TORCH_CHECK(is_float_type(grad_out.scalar_type()),
-              "relative_location_loss_backward: grad_out must be a floating tensor, got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == pred.device(), "relative_location_loss_backward: grad_out is on ",
-              grad_out.device(), " but pred is on ", pred.device());
-}
-
-at::ScalarType relative_location_loss_acc_type(const at::Tensor& pred) {
-  return pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+              op, ": grad_out must have shape [", pred.size(0), ", ", anchor.numel(), ", 2], got ",
+              grad_out.sizes());
+  TORCH_CHECK(is_float_type(grad_out.scalar_type()), op, ": grad_out must be a floating tensor, got ",
+              grad_out.scalar_type());
+  check_same_device(op, "pred", pred, {{"grad_out", &grad_out}});
 }
 
 }  // namespace structalign
@@ -99,10 +89,10 @@ at::ScalarType relative_location_loss_acc_type(const at::Tensor& pred) {
 TORCH_LIBRARY_FRAGMENT(structalign, m) {
   m.def(
       "relative_location_loss(Tensor pred, Tensor target, Tensor anchor, Tensor indptr, Tensor member, "
-      "Tensor weight, Tensor? landmark_weight, int criterion, float omega1, float omega2, float epsilon, "
-      "int reduction, bool need_grad) -> (Tensor, Tensor)");
+      "Tensor weight, Tensor point_ptr, Tensor point_rel, Tensor point_coef, Tensor? landmark_weight, "
+      "int criterion, float omega1, float omega2, float epsilon, int reduction, bool need_grad) -> (Tensor, Tensor)");
   m.def(
       "relative_location_loss_backward(Tensor grad_out, Tensor pred, Tensor target, Tensor anchor, Tensor indptr, "
-      "Tensor member, Tensor weight, Tensor? landmark_weight, int criterion, float omega1, float omega2, "
-      "float epsilon) -> Tensor");
+      "Tensor member, Tensor weight, Tensor point_ptr, Tensor point_rel, Tensor point_coef, "
+      "Tensor? landmark_weight, int criterion, float omega1, float omega2, float epsilon) -> Tensor");
 }

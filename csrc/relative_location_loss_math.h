@@ -6,13 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef STRUCTALIGN_HD
-#ifdef __CUDACC__
-#define STRUCTALIGN_HD __host__ __device__ __forceinline__
-#else
-#define STRUCTALIGN_HD inline
-#endif
-#endif
+#include "common_math.h"
 
 namespace structalign {
 namespace rll {
@@ -24,6 +18,7 @@ enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
 // Smallest denominator of the weighted mean, as relative_location_loss_reference (all weights zero -> loss 0).
 constexpr double kMinWeightSum = 1e-12;
 
+// The criterion's constants in the accumulation type A (float64 for float64 inputs), from the schema's doubles.
 template <typename A>
 struct CriterionParams {
   A omega1, omega2, epsilon;
@@ -34,13 +29,11 @@ struct CriterionParams {
         wing_b(A(w1 - w2 * std::log1p(w1 / eps))) {}
 };
 
-// log1p of the accumulation type, for device code and the float64 CPU path.
-struct Log1pStd {
-  STRUCTALIGN_HD float operator()(float x) const {
-    return log1pf(x);
-  }
-  STRUCTALIGN_HD double operator()(double x) const {
-    return log1p(x);
+// log1p of the accumulation type (device code).
+struct Log1pAcc {
+  template <typename A>
+  STRUCTALIGN_HD A operator()(A x) const {
+    return log1p_acc(x);
   }
 };
 

@@ -3,221 +3,295 @@
     A_i. = softmax over row i of the CSR graph of the logits
     out_i = sum_e A_e v_e (+ bias),  v_e = h_self_i on the self loop (indices[e] == i), h_nbr_j otherwise
 
-A program owns BLOCK_R rows of one face. Row lengths vary, so the row's edges are a [BLOCK_R, MAX_DEG] tile
-(MAX_DEG: a power of two >= the longest row, masked) and the aggregation walks its MAX_DEG columns. The forward
-also stores the softmax (fp32, [B or 1, E]) for the backward. The backward gathers grad h_nbr over the transposed
-graph (in_ptr / in_edges / edge_row) instead of scattering with atomics, so it is deterministic.
+A program owns BLOCK_R rows (nodes) of one face. Row lengths vary, so the rows' edges are a [BLOCK_R, DEG] tile
+(DEG: a power of two >= the longest row, masked), whose softmax is computed once per edge; the aggregation walks
+its MAX_DEG columns (a static loop), each column taken out of the tile with a masked row sum. Every index and
+softmax gather is a 2-D tile load. (The previous backward gathered grad h_nbr with per-column 1-D loads, in_edges ->
+edge_row -> softmax masked by a test on the loaded edge_row, broadcast into the [16, 128] tile of 64 < C <= 128:
+with the runtime's divisibility attributes, TritonGPURemoveLayoutConversions rewrote that last load with a mask
+layout other than its pointer's, "'tt.load' op failed to verify that mask type matches ptr type".)
 
-    TRITON_INTERPRET=1 python -m pytest -q tests/ops/test_graph_message_passing.py -k triton
+Feature tiles are [BLOCK_C, BLOCK_R] (channels x rows) and read through the tensors' strides. Triton orders a
+load's lanes along the axis it can prove contiguous (channels when the channel stride is 1), and along the last
+axis, rows, when it can prove neither: so gathering rows of a node-contiguous tensor (the model's grad_out, with
+strides (N*C, 1, N) after GraphBlock's transpose -> BatchNorm) reads each channel's contiguous node vector instead
+of one sector per element, and nothing is copied. The backward's grad h_self / grad h_nbr take grad_out's layout.
+
+The backward recomputes the softmax from the logits into a small [1 or B, E] buffer (_softmax_kernel); then one
+program per row tile computes grad logits, grad h_self, a partial sum of grad bias, and gathers grad h_nbr over the
+transposed graph (in_ptr / in_edges / edge_row). No atomics: every result is bitwise reproducible.
+
+Computation is in float64 for float64 features and in float32 otherwise (logits are cast in the kernel).
+Launchers take the arguments of the C++ ops (csrc/graph_message_passing.cpp) and launch through wrap_triton, so
+they can be the body of a torch.library.triton_op.
+
+    python -m pytest -q tests/test_triton_kernels.py tests/test_triton_compile.py
 """
 import torch
 import triton
 import triton.language as tl
 
+from structalign_kernels import device_of, launch
+
 
 @triton.jit
-def _graph_message_passing_fwd_kernel(
-    hs_ptr, hs_stride_b, hs_stride_n, hn_ptr, hn_stride_b, hn_stride_n, logits_ptr, logits_stride_b,
-    indptr_ptr, indices_ptr, bias_ptr, out_ptr, attn_ptr, N, C,
-    HAS_BIAS: tl.constexpr, MAX_DEG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _edge_tile(ptr_ptr, rows, row_ok, DEG: tl.constexpr):
+    """Entries ptr[i]:ptr[i + 1] of BLOCK_R rows as a [BLOCK_R, DEG] tile: (ids int64, mask, slot ids, counts)."""
+    start = tl.load(ptr_ptr + rows, mask=row_ok, other=0)
+    count = tl.load(ptr_ptr + rows + 1, mask=row_ok, other=0) - start
+    slots = tl.arange(0, DEG)
+    return start[:, None] + slots[None, :], slots[None, :] < count[:, None], slots, count
+
+
+@triton.jit
+def _softmax_tile(logits_ptr, logits_se, edge, edge_ok, ACC: tl.constexpr):
+    """Row softmax ([BLOCK_R, DEG], ACC) of the logits of an edge tile; 0 on masked slots."""
+    logit = tl.load(logits_ptr + edge * logits_se, mask=edge_ok, other=-float("inf")).to(ACC)
+    peak = tl.max(logit, axis=1)
+    peak = tl.where(peak == -float("inf"), 0.0, peak)
+    ex = tl.where(edge_ok, tl.exp(logit - peak[:, None]), 0.0)
+    total = tl.sum(ex, axis=1)
+    return ex / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _rows(ptr, rows, stride_n, chans, stride_c, row_mask, ch_ok):
+    """Rows of a [N, C] matrix as a [BLOCK_C, BLOCK_R] tile (channels x rows); 0 where masked."""
+    return tl.load(ptr + chans[:, None] * stride_c + rows[None, :] * stride_n,
+                   mask=ch_ok[:, None] & row_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _column(tile, slots, k):
+    """Column k of a [BLOCK_R, DEG] tile as a [BLOCK_R] vector."""
+    return tl.sum(tl.where(slots[None, :] == k, tile, 0), axis=1)
+
+
+@triton.jit
+def _fwd_kernel(
+    hs_ptr, hs_sb, hs_sn, hs_sc, hn_ptr, hn_sb, hn_sn, hn_sc, logits_ptr, logits_sb, logits_se,
+    indptr_ptr, indices_ptr, bias_ptr, bias_s, out_ptr, N, C,
+    HAS_BIAS: tl.constexpr, FP64: tl.constexpr, MAX_DEG: tl.constexpr, DEG: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """out (Tensor[B, N, C], contiguous) for grid (B, cdiv(N, BLOCK_R), cdiv(C, BLOCK_C))."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < N
     ch_ok = chans < C
-    start = tl.load(indptr_ptr + rows, mask=row_ok, other=0)
-    deg = tl.load(indptr_ptr + rows + 1, mask=row_ok, other=0) - start
-    slots = tl.arange(0, MAX_DEG)
-    edge = start[:, None] + slots[None, :]
-    edge_ok = slots[None, :] < deg[:, None]
-    logit = tl.load(logits_ptr + pid_b * logits_stride_b + edge, mask=edge_ok, other=-float("inf"))
-    peak = tl.where(row_ok, tl.max(logit, axis=1), 0.0)
-    ex = tl.where(edge_ok, tl.exp(logit - peak[:, None]), 0.0)
-    total = tl.where(row_ok, tl.sum(ex, axis=1), 1.0)
-    attn = ex / total[:, None]
-    nbr = tl.load(indices_ptr + edge, mask=edge_ok, other=0)
+    edge, edge_ok, slots, deg = _edge_tile(indptr_ptr, rows, row_ok, DEG)
+    attn = _softmax_tile(logits_ptr + pid_b * logits_sb, logits_se, edge, edge_ok, ACC)
+    nbr = tl.load(indices_ptr + edge, mask=edge_ok, other=0).to(tl.int32)
+    hs = hs_ptr + pid_b * hs_sb
+    hn = hn_ptr + pid_b * hn_sb
 
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     for k in tl.static_range(MAX_DEG):
-        pick = slots[None, :] == k
-        a_k = tl.sum(tl.where(pick, attn, 0.0), axis=1)
-        j_k = tl.sum(tl.where(pick, nbr, 0), axis=1)
+        a_k = _column(attn, slots, k)
+        j_k = _column(nbr, slots, k)
         live = row_ok & (k < deg)
-        is_self = j_k == rows
-        m_self = (live & is_self)[:, None] & ch_ok[None, :]
-        m_nbr = (live & (j_k != rows))[:, None] & ch_ok[None, :]
-        v_self = tl.load(hs_ptr + pid_b * hs_stride_b + rows[:, None] * hs_stride_n + chans[None, :], mask=m_self,
-                         other=0.0)
-        v_nbr = tl.load(hn_ptr + pid_b * hn_stride_b + j_k[:, None] * hn_stride_n + chans[None, :], mask=m_nbr,
-                        other=0.0)
-        acc += a_k[:, None] * (v_self.to(tl.float32) + v_nbr.to(tl.float32))
+        v_self = _rows(hs, rows, hs_sn, chans, hs_sc, live & (j_k == rows), ch_ok).to(ACC)
+        v_nbr = _rows(hn, j_k, hn_sn, chans, hn_sc, live & (j_k != rows), ch_ok).to(ACC)
+        acc += a_k[None, :] * (v_self + v_nbr)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + chans, mask=ch_ok, other=0.0).to(tl.float32)[None, :]
-    out_mask = row_ok[:, None] & ch_ok[None, :]
-    tl.store(out_ptr + (pid_b * N + rows[:, None]) * C + chans[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=out_mask)
-    # One program per softmax set writes it: every face when logits are per face, face 0 when they are shared.
-    writes_attn = (tl.program_id(2) == 0) & ((logits_stride_b != 0) | (pid_b == 0))
-    tl.store(attn_ptr + pid_b * logits_stride_b + edge, attn, mask=edge_ok & writes_attn)
+        acc += tl.load(bias_ptr + chans * bias_s, mask=ch_ok, other=0.0).to(ACC)[:, None]
+    out = out_ptr + pid_b * N * C + chans[:, None] + rows[None, :] * C
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ch_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
-def _graph_message_passing_bwd_kernel(
-    go_ptr, go_stride_b, go_stride_n, hs_ptr, hs_stride_b, hs_stride_n, hn_ptr, hn_stride_b, hn_stride_n,
-    attn_ptr, attn_stride_b, indptr_ptr, indices_ptr, in_ptr_ptr, in_edges_ptr, edge_row_ptr,
-    grad_hs_ptr, grad_hn_ptr, grad_logits_ptr, N, C, E,
-    MAX_DEG: tl.constexpr, MAX_IN_DEG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _softmax_kernel(logits_ptr, logits_sb, logits_se, indptr_ptr, attn_ptr, N, E,
+                    DEG: tl.constexpr, BLOCK_R: tl.constexpr):
+    """attn (Tensor[S, E], contiguous, accumulation dtype): row softmax of the logits of softmax set
+    program_id(0) (a face, or the one shared set), for grid (S, cdiv(N, BLOCK_R))."""
+    pid_s = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    edge, edge_ok, _, _ = _edge_tile(indptr_ptr, rows, row_ok, DEG)
+    attn = _softmax_tile(logits_ptr + pid_s * logits_sb, logits_se, edge, edge_ok, attn_ptr.dtype.element_ty)
+    tl.store(attn_ptr + pid_s * E + edge, attn, mask=edge_ok)
+
+
+@triton.jit
+def _bwd_kernel(
+    go_ptr, go_sb, go_sn, go_sc, hs_ptr, hs_sb, hs_sn, hs_sc, hn_ptr, hn_sb, hn_sn, hn_sc,
+    attn_ptr, attn_sb, indptr_ptr, indices_ptr, in_ptr_ptr, in_edges_ptr, edge_row_ptr,
+    grad_hs_ptr, grad_hn_ptr, gh_sb, gh_sn, gh_sc, grad_logits_ptr, grad_bias_ptr, N, C, E,
+    NEED_HS: tl.constexpr, NEED_HN: tl.constexpr, NEED_LOGITS: tl.constexpr, NEED_BIAS: tl.constexpr,
+    MAX_DEG: tl.constexpr, DEG: tl.constexpr, MAX_IN_DEG: tl.constexpr, IN_DEG: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """For grid (B, cdiv(N, BLOCK_R)), BLOCK_C >= C (a row's dot products need all its channels): grad_hs,
+    grad_hn (Tensor[B, N, C], strides gh_*); grad_logits (Tensor[B, E], contiguous); grad_bias (Tensor[programs,
+    C]: each program's sum of grad_out). attn (Tensor[1 or B, E]) holds the softmax in the accumulation dtype."""
+    ACC: tl.constexpr = attn_ptr.dtype.element_ty
     pid_b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     chans = tl.arange(0, BLOCK_C)
     row_ok = rows < N
     ch_ok = chans < C
-    rc_ok = row_ok[:, None] & ch_ok[None, :]
-    start = tl.load(indptr_ptr + rows, mask=row_ok, other=0)
-    deg = tl.load(indptr_ptr + rows + 1, mask=row_ok, other=0) - start
-    slots = tl.arange(0, MAX_DEG)
-    edge = start[:, None] + slots[None, :]
-    edge_ok = slots[None, :] < deg[:, None]
-    attn_b = attn_ptr + pid_b * attn_stride_b
-    attn = tl.load(attn_b + edge, mask=edge_ok, other=0.0)
-    nbr = tl.load(indices_ptr + edge, mask=edge_ok, other=0)
-    g = tl.load(go_ptr + pid_b * go_stride_b + rows[:, None] * go_stride_n + chans[None, :], mask=rc_ok,
-                other=0.0).to(tl.float32)
+    go = go_ptr + pid_b * go_sb
+    attn_b = attn_ptr + pid_b * attn_sb
+    g = _rows(go, rows, go_sn, chans, go_sc, row_ok, ch_ok).to(ACC)
+    out_offs = pid_b * gh_sb + chans[:, None] * gh_sc + rows[None, :] * gh_sn
+    out_ok = ch_ok[:, None] & row_ok[None, :]
 
-    # grad logits through the softmax: a_e (d_e - sum_f a_f d_f), d_e = <g_i, v_e>; grad h_self = a_ii g_i.
-    dots = tl.zeros([BLOCK_R, MAX_DEG], dtype=tl.float32)
-    a_self = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k in tl.static_range(MAX_DEG):
-        pick = slots[None, :] == k
-        a_k = tl.sum(tl.where(pick, attn, 0.0), axis=1)
-        j_k = tl.sum(tl.where(pick, nbr, 0), axis=1)
-        live = row_ok & (k < deg)
-        is_self = live & (j_k == rows)
-        m_self = is_self[:, None] & ch_ok[None, :]
-        m_nbr = (live & (j_k != rows))[:, None] & ch_ok[None, :]
-        v_self = tl.load(hs_ptr + pid_b * hs_stride_b + rows[:, None] * hs_stride_n + chans[None, :], mask=m_self,
-                         other=0.0)
-        v_nbr = tl.load(hn_ptr + pid_b * hn_stride_b + j_k[:, None] * hn_stride_n + chans[None, :], mask=m_nbr,
-                        other=0.0)
-        d_k = tl.sum(g * (v_self.to(tl.float32) + v_nbr.to(tl.float32)), axis=1)
-        dots = tl.where(pick, d_k[:, None], dots)
-        a_self += tl.where(is_self, a_k, 0.0)
-    weighted = tl.sum(attn * dots, axis=1)
-    tl.store(grad_logits_ptr + pid_b * E + edge, attn * (dots - weighted[:, None]), mask=edge_ok)
-    out_offs = (pid_b * N + rows[:, None]) * C + chans[None, :]
-    tl.store(grad_hs_ptr + out_offs, (a_self[:, None] * g).to(grad_hs_ptr.dtype.element_ty), mask=rc_ok)
+    if NEED_HS or NEED_LOGITS:
+        edge, edge_ok, slots, deg = _edge_tile(indptr_ptr, rows, row_ok, DEG)
+        attn = tl.load(attn_b + edge, mask=edge_ok, other=0.0)
+        nbr = tl.load(indices_ptr + edge, mask=edge_ok, other=0).to(tl.int32)
+        if NEED_HS:
+            # grad h_self_i = A_ii g_i.
+            a_self = tl.sum(tl.where(nbr == rows[:, None], attn, 0.0), axis=1)
+            tl.store(grad_hs_ptr + out_offs, (a_self[None, :] * g).to(grad_hs_ptr.dtype.element_ty), mask=out_ok)
+        if NEED_LOGITS:
+            # grad logits through the softmax: A_e (d_e - sum_f A_f d_f), d_e = <g_i, v_e>.
+            hs = hs_ptr + pid_b * hs_sb
+            hn = hn_ptr + pid_b * hn_sb
+            dots = tl.zeros([BLOCK_R, DEG], dtype=ACC)
+            for k in tl.static_range(MAX_DEG):
+                j_k = _column(nbr, slots, k)
+                live = row_ok & (k < deg)
+                v_self = _rows(hs, rows, hs_sn, chans, hs_sc, live & (j_k == rows), ch_ok).to(ACC)
+                v_nbr = _rows(hn, j_k, hn_sn, chans, hn_sc, live & (j_k != rows), ch_ok).to(ACC)
+                d_k = tl.sum(g * (v_self + v_nbr), axis=0)
+                dots = tl.where(slots[None, :] == k, d_k[:, None], dots)
+            weighted = tl.sum(attn * dots, axis=1)
+            grad = attn * (dots - weighted[:, None])
+            tl.store(grad_logits_ptr + pid_b * E + edge, grad.to(grad_logits_ptr.dtype.element_ty), mask=edge_ok)
 
-    # grad h_nbr_j = sum over edges e = (i -> j), i != j, of a_e g_i: a gather over j's incoming edges.
-    in_start = tl.load(in_ptr_ptr + rows, mask=row_ok, other=0)
-    in_deg = tl.load(in_ptr_ptr + rows + 1, mask=row_ok, other=0) - in_start
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for k in tl.static_range(MAX_IN_DEG):
-        live = row_ok & (k < in_deg)
-        f = tl.load(in_edges_ptr + in_start + k, mask=live, other=0)
-        src = tl.load(edge_row_ptr + f, mask=live, other=0)
-        use = live & (src != rows)
-        a_f = tl.load(attn_b + f, mask=use, other=0.0)
-        g_src = tl.load(go_ptr + pid_b * go_stride_b + src[:, None] * go_stride_n + chans[None, :],
-                        mask=use[:, None] & ch_ok[None, :], other=0.0)
-        acc += a_f[:, None] * g_src.to(tl.float32)
-    tl.store(grad_hn_ptr + out_offs, acc.to(grad_hn_ptr.dtype.element_ty), mask=rc_ok)
+    if NEED_BIAS:
+        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(grad_bias_ptr + pid.to(tl.int64) * C + chans, tl.sum(g, axis=1), mask=ch_ok)
 
-
-def _block_sizes(n: int, c: int, device: torch.device, whole_channels: bool) -> tuple:
-    """(BLOCK_R, BLOCK_C). The interpreter runs programs one by one (~10 ms each), so on the CPU a program takes
-    a much larger tile than the register budget of a GPU program allows."""
-    budget = 2048 if device.type == "cuda" else 16384
-    block_c = triton.next_power_of_2(max(c, 1))
-    if not whole_channels:
-        block_c = min(block_c, 128)
-    block_r = max(1, min(triton.next_power_of_2(n), budget // block_c))
-    return block_r, block_c
+    if NEED_HN:
+        # grad h_nbr_j = sum over edges f = (i -> j), i != j, of A_f g_i: a gather over j's incoming edges, whose
+        # edge ids, rows and softmax are [BLOCK_R, IN_DEG] tiles.
+        t, in_ok, in_slots, in_deg = _edge_tile(in_ptr_ptr, rows, row_ok, IN_DEG)
+        f = tl.load(in_edges_ptr + t, mask=in_ok, other=0)
+        src = tl.load(edge_row_ptr + f, mask=in_ok, other=0).to(tl.int32)
+        a_in = tl.load(attn_b + f, mask=in_ok, other=0.0)
+        acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+        for k in tl.static_range(MAX_IN_DEG):
+            a_k = _column(a_in, in_slots, k)
+            s_k = _column(src, in_slots, k)
+            use = row_ok & (k < in_deg) & (s_k != rows)
+            acc += a_k[None, :] * _rows(go, s_k, go_sn, chans, go_sc, use, ch_ok).to(ACC)
+        tl.store(grad_hn_ptr + out_offs, acc.to(grad_hn_ptr.dtype.element_ty), mask=out_ok)
 
 
-def _channels_contiguous(h: torch.Tensor) -> torch.Tensor:
-    return h if h.stride(2) == 1 or h.shape[2] <= 1 else h.contiguous()
+def _tiles(n: int, c: int, fp64: bool, on_gpu: bool) -> dict:
+    """Launch shapes for N nodes and C channels: {"fwd": (BLOCK_R, BLOCK_C, num_warps), "bwd": (...), "softmax":
+    (BLOCK_R, num_warps)}.
+
+    On a GPU a feature tile holds 2048 float32 (1024 float64) values; the forward splits channels into tiles of at
+    most 128 (a bf16 row is then 16 lanes x 16-byte vectors), the backward keeps them whole (its dot products need
+    every channel) and runs 8 warps, as it keeps about twice the tiles live. The unrolled gathers are all in flight
+    at once: at bf16 C = 128 the forward takes 150 registers a thread and the backward 128, with no spills (the
+    compile test reports them, `--rows`). The interpreter runs programs one after another (~10 ms each), so there
+    a tile is 8x larger and channels are never split.
+    """
+    budget = (2048 if on_gpu else 16384) // (2 if fp64 else 1)
+    rows = triton.next_power_of_2(max(n, 1))
+    whole = triton.next_power_of_2(max(c, 1))
+    fwd_c = min(whole, 128) if on_gpu else whole
+    return {
+        "fwd": (max(1, min(rows, budget // fwd_c)), fwd_c, 4),
+        "bwd": (max(1, min(rows, budget // whole)), whole, 8),
+        "softmax": (min(rows, 128), 4),
+    }
 
 
-def graph_message_passing_forward_triton(h_self, h_nbr, logits, indptr, indices, bias, max_deg: int):
-    """Forward. h_self, h_nbr (Tensor[B, N, C]); logits (Tensor[E] or Tensor[B, E]); bias (Tensor[C] or None);
-    max_deg: the longest row. Returns out (Tensor[B, N, C]) and the softmax (fp32 Tensor[1 or B, E])."""
+def _acc_dtype(h: torch.Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+def _logits_strides(logits: torch.Tensor) -> tuple:
+    """(face stride, edge stride) of shared (Tensor[E], face stride 0) or per-face (Tensor[B, E]) logits."""
+    return (0, logits.stride(0)) if logits.dim() == 1 else (logits.stride(0), logits.stride(1))
+
+
+def graph_message_passing_forward_triton(h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row, bias,
+                                         max_deg: int, max_in_deg: int) -> torch.Tensor:
+    """out (Tensor[B, N, C], h_self's dtype). h_self, h_nbr (Tensor[B, N, C], any strides); logits (Tensor[E] or
+    Tensor[B, E], any float dtype); indptr (Tensor[N + 1]), indices (Tensor[E]) int64; bias (Tensor[C] or None);
+    max_deg: the longest row. The transposed graph (in_ptr, in_edges, edge_row) and max_in_deg are unused here."""
     b, n, c = h_self.shape
-    h_self, h_nbr = _channels_contiguous(h_self), _channels_contiguous(h_nbr)
-    logits2d = logits.float().reshape(-1, indices.numel()).contiguous()
     out = torch.empty((b, n, c), dtype=h_self.dtype, device=h_self.device)
-    attn = torch.empty_like(logits2d)
     if out.numel() == 0:
-        return out, attn.zero_()
-    block_r, block_c = _block_sizes(n, c, h_self.device, whole_channels=False)
+        return out
+    fp64 = h_self.dtype == torch.float64
+    bias_args = (bias, bias.stride(0)) if bias is not None else (out, 0)
+    block_r, block_c, warps = _tiles(n, c, fp64, on_gpu=h_self.is_cuda)["fwd"]
     grid = (b, triton.cdiv(n, block_r), triton.cdiv(c, block_c))
-    _graph_message_passing_fwd_kernel[grid](
-        h_self, h_self.stride(0), h_self.stride(1), h_nbr, h_nbr.stride(0), h_nbr.stride(1),
-        logits2d, indices.numel() if logits.dim() == 2 else 0, indptr, indices,
-        bias.contiguous() if bias is not None else out, out, attn, n, c,
-        HAS_BIAS=bias is not None, MAX_DEG=triton.next_power_of_2(max_deg), BLOCK_R=block_r, BLOCK_C=block_c,
-    )
-    return out, attn
+    with device_of(h_self):
+        launch(
+            _fwd_kernel, grid,
+            h_self, *h_self.stride(), h_nbr, *h_nbr.stride(), logits, *_logits_strides(logits),
+            indptr, indices, *bias_args, out, n, c,
+            HAS_BIAS=bias is not None, FP64=fp64, MAX_DEG=max_deg, DEG=triton.next_power_of_2(max_deg),
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        )
+    return out
 
 
-def graph_message_passing_backward_triton(grad_out, h_self, h_nbr, attn, indptr, indices, in_ptr, in_edges,
-                                          edge_row, max_deg: int, max_in_deg: int):
-    """Backward from the forward's softmax attn (fp32 Tensor[1 or B, E]) and the transposed graph (in_ptr
-    Tensor[N + 1], in_edges / edge_row Tensor[E]). Returns grad_h_self, grad_h_nbr (Tensor[B, N, C]) and the
-    per-face grad of the logits (fp32 Tensor[B, E]; sum over faces for shared logits)."""
+def graph_message_passing_backward_triton(grad_out, h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges,
+                                          edge_row, max_deg: int, max_in_deg: int, output_mask) -> tuple:
+    """(grad_h_self, grad_h_nbr Tensor[B, N, C] in h_self's dtype, grad_logits in logits' shape and dtype (summed
+    over faces for shared logits), grad_bias Tensor[C] in h_self's dtype); an output whose output_mask entry is
+    False is an empty Tensor[0]. grad_out, h_self, h_nbr (Tensor[B, N, C], any strides); in_ptr (Tensor[N + 1]),
+    in_edges, edge_row (Tensor[E]): the transposed graph; max_deg / max_in_deg: the longest row / the most incoming
+    edges of a node. The softmax is recomputed from the logits. grad_h_self and grad_h_nbr have grad_out's strides
+    when grad_out is dense (torch.empty_like), else they are contiguous."""
     b, n, c = h_self.shape
     e = indices.numel()
-    grad_out = _channels_contiguous(grad_out)
-    h_self, h_nbr = _channels_contiguous(h_self), _channels_contiguous(h_nbr)
-    grad_hs = torch.empty((b, n, c), dtype=h_self.dtype, device=h_self.device)
-    grad_hn = torch.empty_like(grad_hs)
-    grad_logits = torch.empty((b, e), dtype=torch.float32, device=h_self.device)
-    if grad_hs.numel() == 0:
-        return grad_hs, grad_hn, grad_logits.zero_()
-    block_r, block_c = _block_sizes(n, c, h_self.device, whole_channels=True)
-    _graph_message_passing_bwd_kernel[(b, triton.cdiv(n, block_r))](
-        grad_out, grad_out.stride(0), grad_out.stride(1), h_self, h_self.stride(0), h_self.stride(1),
-        h_nbr, h_nbr.stride(0), h_nbr.stride(1), attn, e if attn.shape[0] > 1 else 0, indptr, indices,
-        in_ptr, in_edges, edge_row, grad_hs, grad_hn, grad_logits, n, c, e,
-        MAX_DEG=triton.next_power_of_2(max_deg), MAX_IN_DEG=triton.next_power_of_2(max_in_deg),
-        BLOCK_R=block_r, BLOCK_C=block_c,
-    )
-    return grad_hs, grad_hn, grad_logits
+    dev = h_self.device
+    need_hs, need_hn, need_logits, need_bias = (bool(m) for m in output_mask)
+    acc = _acc_dtype(h_self)
+    shared = logits.dim() == 1
 
+    def alloc(need, shape, dtype):
+        return torch.empty(shape if need else (0,), dtype=dtype, device=dev)
 
-def _aot_specs():
-    fwd_args = ["hs_ptr", "hs_stride_b", "hs_stride_n", "hn_ptr", "hn_stride_b", "hn_stride_n", "logits_ptr",
-                "logits_stride_b", "indptr_ptr", "indices_ptr", "bias_ptr", "out_ptr", "attn_ptr", "N", "C"]
-    bwd_args = ["go_ptr", "go_stride_b", "go_stride_n", "hs_ptr", "hs_stride_b", "hs_stride_n", "hn_ptr",
-                "hn_stride_b", "hn_stride_n", "attn_ptr", "attn_stride_b", "indptr_ptr", "indices_ptr",
-                "in_ptr_ptr", "in_edges_ptr", "edge_row_ptr", "grad_hs_ptr", "grad_hn_ptr", "grad_logits_ptr",
-                "N", "C", "E"]
-    fp32_ptrs = {"logits_ptr", "attn_ptr", "grad_logits_ptr"}
-    idx_ptrs = {"indptr_ptr", "indices_ptr", "in_ptr_ptr", "in_edges_ptr", "edge_row_ptr"}
+    # grad_out's layout when it is dense (the model's node-contiguous one: nothing is copied), else contiguous.
+    grad_hs = torch.empty_like(grad_out, dtype=h_self.dtype) if need_hs else h_self.new_empty((0,))
+    grad_hn = torch.empty_like(grad_out, dtype=h_self.dtype) if need_hn else h_self.new_empty((0,))
+    gh_strides = (grad_hs if need_hs else grad_hn).stride() if need_hs or need_hn else (0, 0, 0)
+    # Shared logits: per-face grads in the acc dtype, summed over faces afterwards (in a fixed order).
+    grad_logits = alloc(need_logits, (b, e), acc if shared else logits.dtype)
+    if b * c == 0:
+        if need_logits:
+            grad_logits = torch.zeros_like(logits)
+        return grad_hs, grad_hn, grad_logits, alloc(need_bias, (c,), h_self.dtype).zero_()
 
-    def signature(args, dtype, constexprs):
-        sig = {}
-        for a in args:
-            if a in fp32_ptrs:
-                sig[a] = "*fp32"
-            elif a in idx_ptrs:
-                sig[a] = "*i64"
-            elif a.endswith("_ptr"):
-                sig[a] = f"*{dtype}"
-            else:
-                sig[a] = "i64" if "stride" in a else "i32"
-        sig.update({k: "constexpr" for k in constexprs})
-        return sig
-
-    specs = []
-    for dtype in ("fp32", "bf16"):
-        # The WFLW graph (longest row 8, most incoming edges 8), C = 128 and 256 on a GPU.
-        fwd_const = {"HAS_BIAS": True, "MAX_DEG": 8, "BLOCK_R": 16, "BLOCK_C": 128}
-        bwd_const = {"MAX_DEG": 8, "MAX_IN_DEG": 8, "BLOCK_R": 8, "BLOCK_C": 256}
-        specs.append((_graph_message_passing_fwd_kernel, signature(fwd_args, dtype, fwd_const), fwd_const))
-        specs.append((_graph_message_passing_bwd_kernel, signature(bwd_args, dtype, bwd_const), bwd_const))
-    return specs
-
-
-AOT_SPECS = _aot_specs()
+    tiles = _tiles(n, c, acc == torch.float64, on_gpu=h_self.is_cuda)
+    block_r, block_c, warps = tiles["bwd"]
+    grid = (b, triton.cdiv(n, block_r))
+    grad_bias = alloc(need_bias, (grid[0] * grid[1], c), acc)
+    sets = 1 if shared else b
+    attn = torch.empty((sets, e), dtype=acc, device=dev)
+    deg, in_deg = triton.next_power_of_2(max_deg), triton.next_power_of_2(max_in_deg)
+    with device_of(h_self):
+        if need_hs or need_hn or need_logits:
+            softmax_r, softmax_warps = tiles["softmax"]
+            launch(
+                _softmax_kernel, (sets, triton.cdiv(n, softmax_r)),
+                logits, *_logits_strides(logits), indptr, attn, n, e, DEG=deg, BLOCK_R=softmax_r,
+                num_warps=softmax_warps,
+            )
+        launch(
+            _bwd_kernel, grid,
+            grad_out, *grad_out.stride(), h_self, *h_self.stride(), h_nbr, *h_nbr.stride(),
+            attn, 0 if shared else e, indptr, indices, in_ptr, in_edges, edge_row,
+            grad_hs, grad_hn, *gh_strides, grad_logits, grad_bias, n, c, e,
+            NEED_HS=need_hs, NEED_HN=need_hn, NEED_LOGITS=need_logits, NEED_BIAS=need_bias,
+            MAX_DEG=max_deg, DEG=deg, MAX_IN_DEG=max_in_deg, IN_DEG=in_deg, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=warps,
+        )
+    if need_logits and shared:
+        grad_logits = grad_logits.sum(0).to(logits.dtype)
+    if need_bias:
+        grad_bias = grad_bias.sum(0).to(h_self.dtype)
+    return grad_hs, grad_hn, grad_logits, grad_bias

@@ -1,6 +1,6 @@
 // CPU kernels of graph_message_passing: the forward (row softmax + weighted aggregation + bias in one pass per
-// output row) and the fused backward (grad h_self, a race-free gather for grad h_nbr over the transposed graph,
-// grad logits through the softmax Jacobian, grad bias). Nothing of size N x N is built.
+// output row) and the fused backward (grad h_self, a race-free gather for grad h_nbr over the transposed graph the
+// caller passes, grad logits through the softmax Jacobian, grad bias). Nothing of size N x N is built.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
 #include "graph_message_passing.h"
 #include "graph_message_passing_math.h"
 
@@ -16,38 +17,62 @@ namespace structalign {
 
 namespace {
 
-using gmp::Acc;
-
 // Output rows (one face, one node; about deg x C multiply-adds each) per parallel_for task: enough channels per
 // task that small problems run inline instead of paying for a thread hand-off.
 int64_t row_grain(int64_t c) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
 }
 
-// Checks the CSR values (they come from Python unchecked when the op is called directly).
-void check_csr_values(const at::Tensor& indptr, const at::Tensor& indices, int64_t n) {
+// Checks the CSR rows' values (they come from Python unchecked when the op is called directly): indptr runs from 0
+// to E, every row is non-empty and at most max_deg long, neighbours are in [0, N) and distinct within a row.
+void check_rows(const char* op, const at::Tensor& indptr, const at::Tensor& indices, int64_t n, int64_t max_deg) {
   const int64_t* ptr = indptr.data_ptr<int64_t>();
   const int64_t* idx = indices.data_ptr<int64_t>();
   const int64_t e = indices.numel();
-  TORCH_CHECK(ptr[0] == 0 && ptr[n] == e, "graph_message_passing: indptr must start at 0 and end at E = ", e,
-              ", got ", ptr[0], "..", ptr[n]);
+  TORCH_CHECK(ptr[0] == 0 && ptr[n] == e, op, ": indptr must start at 0 and end at E = ", e, ", got ", ptr[0],
+              "..", ptr[n]);
+  std::vector<int64_t> seen(n, -1);  // seen[j]: the last row that listed j
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(ptr[i + 1] > ptr[i], "graph_message_passing: node ", i,
+    TORCH_CHECK(ptr[i + 1] > ptr[i], op, ": node ", i,
                 " has no entry in indptr/indices (every row needs at least its self loop)");
-  }
-  for (int64_t k = 0; k < e; ++k) {
-    TORCH_CHECK(idx[k] >= 0 && idx[k] < n, "graph_message_passing: indices[", k, "] = ", idx[k],
-                " is outside [0, ", n, ")");
+    TORCH_CHECK(ptr[i + 1] - ptr[i] <= max_deg, op, ": row ", i, " has ", ptr[i + 1] - ptr[i],
+                " entries, more than max_deg = ", max_deg);
+    for (int64_t k = ptr[i]; k < ptr[i + 1]; ++k) {
+      TORCH_CHECK(idx[k] >= 0 && idx[k] < n, op, ": indices[", k, "] = ", idx[k], " is outside [0, ", n, ")");
+      TORCH_CHECK(seen[idx[k]] != i, op, ": row ", i, " lists neighbour ", idx[k], " twice");
+      seen[idx[k]] = i;
+    }
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// The fp32 loops are compiled for AVX-512, AVX2 and the baseline ISA (the extension is built without -march); the
-// dynamic loader picks the widest the CPU supports.
-#define STRUCTALIGN_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define STRUCTALIGN_SIMD_CLONES
-#endif
+// Checks the transposed graph against the (checked) rows: node j's in_edges are the edges into j in ascending order,
+// at most max_in_deg of them, and edge_row[e] is the row of edge e.
+void check_transposed(const char* op, const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& in_ptr,
+                      const at::Tensor& in_edges, const at::Tensor& edge_row, int64_t n, int64_t max_in_deg) {
+  const int64_t* ptr = indptr.data_ptr<int64_t>();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t* iptr = in_ptr.data_ptr<int64_t>();
+  const int64_t* iedge = in_edges.data_ptr<int64_t>();
+  const int64_t* erow = edge_row.data_ptr<int64_t>();
+  const int64_t e = indices.numel();
+  TORCH_CHECK(iptr[0] == 0 && iptr[n] == e, op, ": in_ptr must start at 0 and end at E = ", e, ", got ", iptr[0],
+              "..", iptr[n]);
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK(iptr[j + 1] >= iptr[j] && iptr[j + 1] - iptr[j] <= max_in_deg, op, ": node ", j, " has ",
+                iptr[j + 1] - iptr[j], " incoming edges in in_ptr, outside [0, max_in_deg = ", max_in_deg, "]");
+    for (int64_t t = iptr[j]; t < iptr[j + 1]; ++t) {
+      const int64_t f = iedge[t];
+      TORCH_CHECK(f >= 0 && f < e && idx[f] == j && (t == iptr[j] || f > iedge[t - 1]), op, ": in_edges[", t,
+                  "] = ", f, " is not the next edge into node ", j,
+                  " (in_edges must list each node's incoming edges in ascending order)");
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t f = ptr[i]; f < ptr[i + 1]; ++f) {
+      TORCH_CHECK(erow[f] == i, op, ": edge_row[", f, "] = ", erow[f], " but edge ", f, " is in row ", i);
+    }
+  }
+}
 
 // Channel loops over one row: y = a x (+ bias), y += a x, <x, y>, and y = a x stored in T. Generic versions go
 // through the accumulation type; the fp32 overloads are the multi-ISA hot path.
@@ -55,31 +80,31 @@ template <typename T, typename A>
 void scale_into(A a, const T* x, const T* bias, A* y, int64_t c) {
   if (bias != nullptr) {
 #pragma omp simd
-    for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * gmp::load(x[ch]) + gmp::load(bias[ch]);
+    for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * to_acc(x[ch]) + to_acc(bias[ch]);
   } else {
 #pragma omp simd
-    for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * gmp::load(x[ch]);
+    for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * to_acc(x[ch]);
   }
 }
 template <typename T, typename A>
 void axpy(A a, const T* x, A* y, int64_t c) {
 #pragma omp simd
-  for (int64_t ch = 0; ch < c; ++ch) y[ch] += a * gmp::load(x[ch]);
+  for (int64_t ch = 0; ch < c; ++ch) y[ch] += a * to_acc(x[ch]);
 }
 template <typename T>
-typename Acc<T>::type dot(const T* x, const T* y, int64_t c) {
-  typename Acc<T>::type d = 0;
+acc_t<T> dot(const T* x, const T* y, int64_t c) {
+  acc_t<T> d = 0;
 #pragma omp simd reduction(+ : d)
-  for (int64_t ch = 0; ch < c; ++ch) d += gmp::load(x[ch]) * gmp::load(y[ch]);
+  for (int64_t ch = 0; ch < c; ++ch) d += to_acc(x[ch]) * to_acc(y[ch]);
   return d;
 }
 template <typename T, typename A>
 void scale_store(A a, const T* x, T* y, int64_t c) {
 #pragma omp simd
-  for (int64_t ch = 0; ch < c; ++ch) y[ch] = gmp::store<T>(a * gmp::load(x[ch]));
+  for (int64_t ch = 0; ch < c; ++ch) y[ch] = from_acc<T>(a * to_acc(x[ch]));
 }
 
-STRUCTALIGN_SIMD_CLONES void scale_into(float a, const float* x, const float* bias, float* y, int64_t c) {
+STRUCTALIGN_CPU_CLONES void scale_into(float a, const float* x, const float* bias, float* y, int64_t c) {
   if (bias != nullptr) {
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * x[ch] + bias[ch];
@@ -88,17 +113,17 @@ STRUCTALIGN_SIMD_CLONES void scale_into(float a, const float* x, const float* bi
     for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * x[ch];
   }
 }
-STRUCTALIGN_SIMD_CLONES void axpy(float a, const float* x, float* y, int64_t c) {
+STRUCTALIGN_CPU_CLONES void axpy(float a, const float* x, float* y, int64_t c) {
 #pragma omp simd
   for (int64_t ch = 0; ch < c; ++ch) y[ch] += a * x[ch];
 }
-STRUCTALIGN_SIMD_CLONES float dot(const float* x, const float* y, int64_t c) {
+STRUCTALIGN_CPU_CLONES float dot(const float* x, const float* y, int64_t c) {
   float d = 0;
 #pragma omp simd reduction(+ : d)
   for (int64_t ch = 0; ch < c; ++ch) d += x[ch] * y[ch];
   return d;
 }
-STRUCTALIGN_SIMD_CLONES void scale_store(float a, const float* x, float* y, int64_t c) {
+STRUCTALIGN_CPU_CLONES void scale_store(float a, const float* x, float* y, int64_t c) {
 #pragma omp simd
   for (int64_t ch = 0; ch < c; ++ch) y[ch] = a * x[ch];
 }
@@ -108,7 +133,7 @@ template <typename T, typename A>
 void store_row(const A* acc, T* out, int64_t c) {
   if constexpr (!std::is_same_v<T, A>) {
 #pragma omp simd
-    for (int64_t ch = 0; ch < c; ++ch) out[ch] = gmp::store<T>(acc[ch]);
+    for (int64_t ch = 0; ch < c; ++ch) out[ch] = from_acc<T>(acc[ch]);
   }
 }
 
@@ -122,7 +147,7 @@ A* accumulator(T* out_row, std::vector<A>& scratch) {
   }
 }
 
-// A row of an [B, N, C] tensor whose channels have unit stride.
+// A row of an [B, N, C] tensor whose channels have unit stride (any batch / row strides).
 struct Rows {
   int64_t stride_b, stride_n;
   template <typename T>
@@ -159,10 +184,10 @@ const A* face_attn(const A* logits, const A* shared_attn, bool per_face, int64_t
 
 // out (Tensor[B, N, C]) row by row: out_i = sum_e A_e v_e (+ bias).
 template <typename T>
-void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const typename Acc<T>::type* logits,
-                    const typename Acc<T>::type* shared_attn, bool per_face, const int64_t* indptr,
-                    const int64_t* indices, const T* bias, T* out, int64_t b_size, int64_t n, int64_t c, int64_t e) {
-  using A = typename Acc<T>::type;
+void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const acc_t<T>* logits,
+                    const acc_t<T>* shared_attn, bool per_face, const int64_t* indptr, const int64_t* indices,
+                    const T* bias, T* out, int64_t b_size, int64_t n, int64_t c, int64_t e) {
+  using A = acc_t<T>;
   at::parallel_for(0, b_size, face_grain(n, c), [&](int64_t b_begin, int64_t b_end) {
     std::vector<A> scratch(std::is_same_v<T, A> ? 0 : c), attn_scratch(per_face ? e : 0);
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -186,32 +211,19 @@ void forward_kernel(const T* h_self, Rows hs, const T* h_nbr, Rows hn, const typ
   });
 }
 
-// The transposed graph: for node j, in_edges[in_ptr[j]..in_ptr[j + 1]) are the edges e with indices[e] == j.
+// The transposed graph: node j's incoming edges are in_edges[in_ptr[j] .. in_ptr[j + 1]); edge_row[e] is e's row.
 struct Transposed {
-  std::vector<int64_t> in_ptr, in_edges, edge_row;
+  const int64_t* in_ptr;
+  const int64_t* in_edges;
+  const int64_t* edge_row;
 };
-
-Transposed transpose(const int64_t* indptr, const int64_t* indices, int64_t n, int64_t e) {
-  Transposed t{std::vector<int64_t>(n + 1, 0), std::vector<int64_t>(e), std::vector<int64_t>(e)};
-  for (int64_t k = 0; k < e; ++k) ++t.in_ptr[indices[k] + 1];
-  for (int64_t j = 0; j < n; ++j) t.in_ptr[j + 1] += t.in_ptr[j];
-  std::vector<int64_t> fill(t.in_ptr.begin(), t.in_ptr.end() - 1);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t k = indptr[i]; k < indptr[i + 1]; ++k) {
-      t.edge_row[k] = i;
-      t.in_edges[fill[indices[k]]++] = k;
-    }
-  }
-  return t;
-}
 
 template <typename T>
 void backward_kernel(const T* grad_out, Rows go, const T* h_self, Rows hs, const T* h_nbr, Rows hn,
-                     const typename Acc<T>::type* logits, const typename Acc<T>::type* shared_attn, bool per_face,
-                     const int64_t* indptr, const int64_t* indices, const Transposed& tg, T* grad_h_self,
-                     T* grad_h_nbr, typename Acc<T>::type* grad_logits, int64_t b_size, int64_t n, int64_t c,
-                     int64_t e) {
-  using A = typename Acc<T>::type;
+                     const acc_t<T>* logits, const acc_t<T>* shared_attn, bool per_face, const int64_t* indptr,
+                     const int64_t* indices, Transposed tg, T* grad_h_self, T* grad_h_nbr, acc_t<T>* grad_logits,
+                     int64_t b_size, int64_t n, int64_t c, int64_t e) {
+  using A = acc_t<T>;
   at::parallel_for(0, b_size, face_grain(n, c), [&](int64_t b_begin, int64_t b_end) {
     std::vector<A> scratch(std::is_same_v<T, A> ? 0 : c), attn_scratch(per_face ? e : 0);
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -262,23 +274,27 @@ void backward_kernel(const T* grad_out, Rows go, const T* h_self, Rows hs, const
 
 at::Tensor graph_message_passing_cpu(const at::Tensor& h_self_in, const at::Tensor& h_nbr_in,
                                      const at::Tensor& logits_in, const at::Tensor& indptr_in,
-                                     const at::Tensor& indices_in, const c10::optional<at::Tensor>& bias_in) {
-  check_graph_message_passing_args(h_self_in, h_nbr_in, logits_in, indptr_in, indices_in, bias_in);
+                                     const at::Tensor& indices_in, const at::Tensor& in_ptr,
+                                     const at::Tensor& in_edges, const at::Tensor& edge_row,
+                                     const c10::optional<at::Tensor>& bias_in, int64_t max_deg, int64_t max_in_deg) {
+  const char* op = "graph_message_passing";
+  check_graph_message_passing_args(op, h_self_in, h_nbr_in, logits_in,
+                                   {indptr_in, indices_in, in_ptr, in_edges, edge_row, max_deg, max_in_deg}, bias_in);
   TORCH_INTERNAL_ASSERT(h_self_in.device().is_cpu());
   const int64_t b = h_self_in.size(0), n = h_self_in.size(1), c = h_self_in.size(2);
   const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
-  check_csr_values(indptr, indices, n);
+  check_rows(op, indptr, indices, n, max_deg);
   at::Tensor out = at::empty({b, n, c}, h_self_in.options());
   if (out.numel() == 0) return out;
   const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
-  const at::Tensor logits = logits_in.to(graph_acc_type(h_self)).contiguous();
+  const at::Tensor logits = logits_in.to(acc_scalar_type(h_self.scalar_type())).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const bool per_face = logits.dim() == 2;
   const int64_t e = indices.numel();
   // Shared logits: one softmax for all faces, here; per-face logits: each face's inside the parallel loop.
   at::Tensor shared_attn = at::empty({per_face ? 0 : e}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_self.scalar_type(), "graph_message_passing_cpu", [&] {
-    using A = typename Acc<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     if (!per_face) graph_softmax(logits.data_ptr<A>(), indptr.data_ptr<int64_t>(), n, shared_attn.data_ptr<A>());
     forward_kernel<scalar_t>(h_self.data_ptr<scalar_t>(), Rows::of(h_self), h_nbr.data_ptr<scalar_t>(),
                              Rows::of(h_nbr), logits.data_ptr<A>(), shared_attn.data_ptr<A>(), per_face,
@@ -292,24 +308,37 @@ at::Tensor graph_message_passing_cpu(const at::Tensor& h_self_in, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& h_self_in, const at::Tensor& h_nbr_in,
     const at::Tensor& logits_in, const at::Tensor& indptr_in, const at::Tensor& indices_in,
-    std::array<bool, 4> output_mask) {
-  check_graph_message_passing_backward_args(grad_out_in, h_self_in, h_nbr_in, logits_in, indptr_in, indices_in);
+    const at::Tensor& in_ptr_in, const at::Tensor& in_edges_in, const at::Tensor& edge_row_in, int64_t max_deg,
+    int64_t max_in_deg, std::array<bool, 4> output_mask) {
+  const char* op = "graph_message_passing_backward";
+  check_graph_message_passing_args(
+      op, h_self_in, h_nbr_in, logits_in,
+      {indptr_in, indices_in, in_ptr_in, in_edges_in, edge_row_in, max_deg, max_in_deg}, c10::nullopt);
+  check_graph_message_passing_grad_out(grad_out_in, h_self_in);
   TORCH_INTERNAL_ASSERT(h_self_in.device().is_cpu());
   const int64_t b = h_self_in.size(0), n = h_self_in.size(1), c = h_self_in.size(2), e = indices_in.numel();
   const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
-  check_csr_values(indptr, indices, n);
-  GraphBackwardGrads grads(grad_out_in, h_self_in, logits_in, output_mask);
-  const at::ScalarType acc = graph_acc_type(h_self_in);
+  const at::Tensor in_ptr = in_ptr_in.contiguous(), in_edges = in_edges_in.contiguous();
+  const at::Tensor edge_row = edge_row_in.contiguous();
+  check_rows(op, indptr, indices, n, max_deg);
+  check_transposed(op, indptr, indices, in_ptr, in_edges, edge_row, n, max_in_deg);
+  GraphBackwardGrads grads(h_self_in, logits_in, output_mask);
+  const at::ScalarType acc = acc_scalar_type(h_self_in.scalar_type());
   const bool per_face = logits_in.dim() == 2;
-  if (b * n * c > 0 && grads.any_kernel_output()) {
-    const at::Tensor grad_out = channels_contiguous(grad_out_in);
+  if (b * n * c == 0) {
+    grads.zero();
+    return grads.result(logits_in);
+  }
+  const at::Tensor grad_out = channels_contiguous(grad_out_in);
+  if (grads.need_bias) grads.grad_bias = grad_out.sum({0, 1}, false, acc).to(h_self_in.scalar_type());
+  if (grads.need_h_self || grads.need_h_nbr || grads.need_logits) {
     const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
     const at::Tensor logits = logits_in.to(acc).contiguous();
     at::Tensor shared_attn = at::empty({per_face ? 0 : e}, logits.options());
-    const Transposed tg = transpose(indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), n, e);
+    const Transposed tg{in_ptr.data_ptr<int64_t>(), in_edges.data_ptr<int64_t>(), edge_row.data_ptr<int64_t>()};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_self.scalar_type(),
                                     "graph_message_passing_backward_cpu", [&] {
-      using A = typename Acc<scalar_t>::type;
+      using A = acc_t<scalar_t>;
       if (!per_face) graph_softmax(logits.data_ptr<A>(), indptr.data_ptr<int64_t>(), n, shared_attn.data_ptr<A>());
       backward_kernel<scalar_t>(
           grad_out.data_ptr<scalar_t>(), Rows::of(grad_out), h_self.data_ptr<scalar_t>(), Rows::of(h_self),
@@ -319,8 +348,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
           grads.need_h_nbr ? grads.grad_h_nbr.data_ptr<scalar_t>() : nullptr,
           grads.need_logits ? grads.grad_logits_faces.data_ptr<A>() : nullptr, b, n, c, e);
     });
-  } else {
-    grads.zero();
   }
   return grads.result(logits_in);
 }

@@ -6,13 +6,13 @@
 // transposed back. at::parallel_for runs the blocks; each block writes its own partial sums, which are added in
 // block order afterwards, so the loss does not depend on the thread count.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
 #include <vector>
 
+#include "common.h"
 #include "relative_location_loss.h"
 
 // Without this, gcc keeps the float compares of the criterion's selects as branches (a compare may raise an FP
@@ -29,14 +29,6 @@ namespace {
 using rll::CriterionParams;
 
 constexpr int64_t kLanes = 32;
-
-// Clones of the block loop for AVX-512 and AVX2 (with FMA) machines, chosen when the library loads; the default
-// clone is plain x86-64 (SSE2). The lane loops vectorise in each.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define STRUCTALIGN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define STRUCTALIGN_CPU_CLONES
-#endif
 
 // log1p(u) for u >= 0 in float, branch-free so that loops over lanes vectorise (std::log1p does not): log(1 + u)
 // by the range reduction and polynomial of musl's logf (< 1 ulp). Rounding 1 + u costs at most 2^-24 in absolute
@@ -69,11 +61,12 @@ struct Log1pLanes {
   }
 };
 
+template <typename A>
 struct Relations {
   const int64_t* anchor;
   const int64_t* indptr;
   const int64_t* member;
-  const float* weight;
+  const A* weight;
   int64_t count;
 };
 
@@ -94,8 +87,9 @@ struct Block {
 
   // Faces [b0, b0 + nb): adds their loss (mean / sum) and relation weight to *loss_sum / *weight_sum.
   STRUCTALIGN_CPU_CLONES void run(const scalar_t* pred, const scalar_t* target, const A* landmark_weight,
-                                  const Relations& rel, int64_t n, int64_t b0, int64_t nb, const CriterionParams<A>& p,
-                                  const BlockIO<A>& io, double* loss_sum, double* weight_sum) {
+                                  const Relations<A>& rel, int64_t n, int64_t b0, int64_t nb,
+                                  const CriterionParams<A>& p, const BlockIO<A>& io, double* loss_sum,
+                                  double* weight_sum) {
     const bool weighted = landmark_weight != nullptr;
     const bool want_grad = io.grad_pred != nullptr;
     A dx[kLanes], dy[kLanes], rw[kLanes], lx[kLanes], ly[kLanes], gx[kLanes], gy[kLanes];
@@ -138,7 +132,7 @@ struct Block {
       }
       for (int64_t k = rel.indptr[r]; k < rel.indptr[r + 1]; ++k) {
         const int64_t m = rel.member[k];
-        const A w = static_cast<A>(rel.weight[k]);
+        const A w = rel.weight[k];
         const A* em = &err[m * 2 * kLanes];
         for (int64_t l = 0; l < kLanes; ++l) {
           dx[l] += w * em[l];
@@ -188,7 +182,7 @@ struct Block {
         ga[kLanes + l] -= gy[l];
       }
       for (int64_t k = rel.indptr[r]; k < rel.indptr[r + 1]; ++k) {
-        const A w = static_cast<A>(rel.weight[k]);
+        const A w = rel.weight[k];
         A* gm = &grad[rel.member[k] * 2 * kLanes];
         for (int64_t l = 0; l < kLanes; ++l) {
           gm[l] += w * gx[l];
@@ -214,13 +208,22 @@ struct Block {
   }
 };
 
-// The relation tables must be well formed before any kernel indexes with them (the op can be called directly).
+// The relation tables must be well formed before any kernel indexes with them (the op can be called directly):
+// indptr runs from 0 to M without decreasing, anchors and members are landmarks, and point_ptr / point_rel /
+// point_coef list exactly these relations by landmark, in order (the CUDA kernel's gradient reads them; checking
+// them here makes CPU tests catch a wrong transposed index).
+template <typename A>
 void check_relation_values(const char* op, const at::Tensor& anchor, const at::Tensor& indptr,
-                           const at::Tensor& member, int64_t n) {
+                           const at::Tensor& member, const at::Tensor& weight, const at::Tensor& point_ptr,
+                           const at::Tensor& point_rel, const at::Tensor& point_coef, int64_t n) {
   const int64_t r = anchor.numel(), m = member.numel();
   const int64_t* a = anchor.data_ptr<int64_t>();
   const int64_t* ip = indptr.data_ptr<int64_t>();
   const int64_t* mem = member.data_ptr<int64_t>();
+  const A* w = weight.data_ptr<A>();
+  const int64_t* pp = point_ptr.data_ptr<int64_t>();
+  const int64_t* prel = point_rel.data_ptr<int64_t>();
+  const A* pcoef = point_coef.data_ptr<A>();
   TORCH_CHECK(ip[0] == 0 && ip[r] == m, op, ": indptr must start at 0 and end at M = ", m, ", got ", ip[0], "..",
               ip[r]);
   for (int64_t i = 0; i < r; ++i) {
@@ -231,24 +234,41 @@ void check_relation_values(const char* op, const at::Tensor& anchor, const at::T
   for (int64_t k = 0; k < m; ++k) {
     TORCH_CHECK(mem[k] >= 0 && mem[k] < n, op, ": member[", k, "] = ", mem[k], " is outside [0, ", n, ")");
   }
+  TORCH_CHECK(pp[0] == 0 && pp[n] == r + m, op, ": point_ptr must start at 0 and end at R + M = ", r + m, ", got ",
+              pp[0], "..", pp[n]);
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK(pp[j + 1] >= pp[j], op, ": point_ptr must be non-decreasing, but point_ptr[", j + 1, "] = ",
+                pp[j + 1], " < point_ptr[", j, "] = ", pp[j]);
+  }
+  // Walk the relations in order: each use of a landmark must be that landmark's next entry.
+  std::vector<int64_t> next(pp, pp + n);
+  const auto expect = [&](int64_t j, int64_t rel, A coef) {
+    const int64_t t = next[j]++;
+    TORCH_CHECK(t < pp[j + 1] && prel[t] == rel && pcoef[t] == coef, op, ": landmark ", j, "'s entry ", t,
+                " of point_ptr / point_rel / point_coef must be relation ", rel, " with coefficient ", coef,
+                " (entries sorted by relation: the anchor's, then the members' in member order)");
+  };
+  for (int64_t i = 0; i < r; ++i) {
+    expect(a[i], i, A(-1));
+    for (int64_t k = ip[i]; k < ip[i + 1]; ++k) expect(mem[k], i, w[k]);
+  }
 }
 
 // Forward (grad_out undefined) or the backward of reduction none (grad_out Tensor[B, R, 2]). Returns
 // (loss, grad_pred) as the schema describes.
 std::tuple<at::Tensor, at::Tensor> run_cpu(const char* op, const at::Tensor& grad_out, const at::Tensor& pred_in,
-                                           const at::Tensor& target_in, const at::Tensor& anchor_in,
-                                           const at::Tensor& indptr_in, const at::Tensor& member_in,
-                                           const at::Tensor& weight_in,
+                                           const at::Tensor& target_in, const RelationArgs& rel_in,
                                            const c10::optional<at::Tensor>& landmark_weight, int64_t criterion,
                                            double omega1, double omega2, double epsilon, int64_t reduction,
                                            bool need_grad) {
   TORCH_INTERNAL_ASSERT(pred_in.device().is_cpu());
   const at::Tensor pred = pred_in.contiguous(), target = target_in.contiguous();
-  const at::Tensor anchor = anchor_in.contiguous(), indptr = indptr_in.contiguous();
-  const at::Tensor member = member_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor anchor = rel_in.anchor.contiguous(), indptr = rel_in.indptr.contiguous();
+  const at::Tensor member = rel_in.member.contiguous(), weight = rel_in.weight.contiguous();
+  const at::Tensor point_ptr = rel_in.point_ptr.contiguous(), point_rel = rel_in.point_rel.contiguous();
+  const at::Tensor point_coef = rel_in.point_coef.contiguous();
   const int64_t b = pred.size(0), n = pred.size(1), r = anchor.numel();
-  check_relation_values(op, anchor, indptr, member, n);
-  const at::ScalarType acc = relative_location_loss_acc_type(pred);
+  const at::ScalarType acc = acc_scalar_type(pred.scalar_type());
   const auto opts = pred.options().dtype(acc);
   const bool backward = grad_out.defined();
   const bool none = reduction == rll::kNone;
@@ -261,13 +281,14 @@ std::tuple<at::Tensor, at::Tensor> run_cpu(const char* op, const at::Tensor& gra
   at::Tensor go = backward ? grad_out.to(acc).contiguous() : at::Tensor();
   const int64_t blocks = (b + kLanes - 1) / kLanes;
   std::vector<double> block_loss(blocks, 0.0), block_weight(blocks, 0.0);
-  const Relations rel{anchor.data_ptr<int64_t>(), indptr.data_ptr<int64_t>(), member.data_ptr<int64_t>(),
-                      weight.data_ptr<float>(), r};
   // About 64k relation terms per task, so small batches stay on the calling thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kLanes * (r + member.numel())));
   const double count = static_cast<double>(b) * r * 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "relative_location_loss_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+    using A = acc_t<scalar_t>;
+    check_relation_values<A>(op, anchor, indptr, member, weight, point_ptr, point_rel, point_coef, n);
+    const Relations<A> rel{anchor.data_ptr<int64_t>(), indptr.data_ptr<int64_t>(), member.data_ptr<int64_t>(),
+                           weight.data_ptr<A>(), r};
     const CriterionParams<A> params(omega1, omega2, epsilon);
     A grad_scale = A(1);
     if (!backward && reduction == rll::kMean && !lw.defined()) {
@@ -326,29 +347,29 @@ std::tuple<at::Tensor, at::Tensor> run_cpu(const char* op, const at::Tensor& gra
 
 std::tuple<at::Tensor, at::Tensor> relative_location_loss_cpu(
     const at::Tensor& pred, const at::Tensor& target, const at::Tensor& anchor, const at::Tensor& indptr,
-    const at::Tensor& member, const at::Tensor& weight, const c10::optional<at::Tensor>& landmark_weight,
-    int64_t criterion, double omega1, double omega2, double epsilon, int64_t reduction, bool need_grad) {
+    const at::Tensor& member, const at::Tensor& weight, const at::Tensor& point_ptr, const at::Tensor& point_rel,
+    const at::Tensor& point_coef, const c10::optional<at::Tensor>& landmark_weight, int64_t criterion, double omega1,
+    double omega2, double epsilon, int64_t reduction, bool need_grad) {
   const char* op = "relative_location_loss";
-  check_relative_location_loss_args(op, pred, target, anchor, indptr, member, weight, landmark_weight, criterion,
-                                    omega1, omega2, epsilon);
+  const RelationArgs rel{anchor, indptr, member, weight, point_ptr, point_rel, point_coef};
+  check_relative_location_loss_args(op, pred, target, rel, landmark_weight, criterion, omega1, omega2, epsilon);
   check_relative_location_loss_reduction(reduction);
   const bool with_grad = need_grad && reduction != rll::kNone;
-  return run_cpu(op, at::Tensor(), pred, target, anchor, indptr, member, weight, landmark_weight, criterion, omega1,
-                 omega2, epsilon, reduction, with_grad);
+  return run_cpu(op, at::Tensor(), pred, target, rel, landmark_weight, criterion, omega1, omega2, epsilon, reduction,
+                 with_grad);
 }
 
-at::Tensor relative_location_loss_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pred,
-                                               const at::Tensor& target, const at::Tensor& anchor,
-                                               const at::Tensor& indptr, const at::Tensor& member,
-                                               const at::Tensor& weight,
-                                               const c10::optional<at::Tensor>& landmark_weight, int64_t criterion,
-                                               double omega1, double omega2, double epsilon) {
+at::Tensor relative_location_loss_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& pred, const at::Tensor& target, const at::Tensor& anchor,
+    const at::Tensor& indptr, const at::Tensor& member, const at::Tensor& weight, const at::Tensor& point_ptr,
+    const at::Tensor& point_rel, const at::Tensor& point_coef, const c10::optional<at::Tensor>& landmark_weight,
+    int64_t criterion, double omega1, double omega2, double epsilon) {
   const char* op = "relative_location_loss_backward";
-  check_relative_location_loss_args(op, pred, target, anchor, indptr, member, weight, landmark_weight, criterion,
-                                    omega1, omega2, epsilon);
+  const RelationArgs rel{anchor, indptr, member, weight, point_ptr, point_rel, point_coef};
+  check_relative_location_loss_args(op, pred, target, rel, landmark_weight, criterion, omega1, omega2, epsilon);
   check_relative_location_loss_grad_out(grad_out, pred, anchor);
-  return std::get<1>(run_cpu(op, grad_out, pred, target, anchor, indptr, member, weight, landmark_weight, criterion,
-                             omega1, omega2, epsilon, rll::kNone, true));
+  return std::get<1>(run_cpu(op, grad_out, pred, target, rel, landmark_weight, criterion, omega1, omega2, epsilon,
+                             rll::kNone, true));
 }
 
 }  // namespace

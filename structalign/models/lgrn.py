@@ -73,7 +73,10 @@ class GraphBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x, logits=None):
-        return self.relu(self.bn(self.conv(x, logits).transpose(1, 2)).transpose(1, 2))
+        # BatchNorm over the [B * N, C] rows: the statistics of BatchNorm1d on [B, C, N], without the transposes
+        # that would hand the graph op a gradient with channel stride N (and make it copy that gradient).
+        y = self.conv(x, logits)
+        return self.relu(self.bn(y.reshape(-1, y.shape[-1])).view(y.shape))
 
 
 class ResidualGraphBlock(nn.Module):

@@ -57,6 +57,13 @@ def triton_available(device_type: str) -> bool:
     return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@lru_cache(maxsize=None)
+def _warn_no_cuda_kernels() -> None:
+    why = extension_error() or "it was built without CUDA kernels (no CUDA toolkit at build time?)"
+    warnings.warn(f"structalign._C has no CUDA kernels ({why}); backend 'auto' runs the Triton kernels on CUDA "
+                  "tensors. Rebuild with a CUDA toolkit (STRUCTALIGN_CUDA=1 make ext) for the C++/CUDA kernels.")
+
+
 def set_backend(name: str) -> None:
     """Set the default backend for every op ("auto", "reference", "cpp" or "triton")."""
     global _global_backend
@@ -90,6 +97,7 @@ def resolve_backend(requested: str | None, device: torch.device, op: str) -> str
         if cpp_available(dev, op):
             return "cpp"
         if dev == "cuda" and triton_available(dev):
+            _warn_no_cuda_kernels()
             return "triton"
         return "reference"
     if name == "cpp" and not cpp_available(dev, op):

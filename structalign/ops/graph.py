@@ -29,20 +29,25 @@ def _check_indptr(name: str, indptr: torch.Tensor, rows: int, total: int) -> Non
         raise ValueError(f"{name} must be non-decreasing")
 
 
+def _canonical_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class _DeviceCache:
-    """Per-device copies of a fixed tuple of CPU tensors."""
+    """Per-device (and, for floating tensors, per-dtype) copies of fixed groups of CPU tensors, made on first use."""
 
-    def _init_cache(self, *tensors: torch.Tensor) -> None:
-        self._cpu = tensors
-        self._cache: dict[torch.device, tuple[torch.Tensor, ...]] = {torch.device("cpu"): tensors}
+    def _init_cache(self) -> None:
+        self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device not in self._cache:
-            self._cache[device] = tuple(t.to(device) for t in self._cpu)
-        return self._cache[device]
+    def _copies(self, group: str, cpu: tuple, device, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        key = (group, _canonical_device(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = tuple(t.to(device=key[1], dtype=dtype if t.is_floating_point() else None)
+                                     for t in cpu)
+        return self._cache[key]
 
 
 class LandmarkGraph(_DeviceCache):
@@ -75,16 +80,22 @@ class LandmarkGraph(_DeviceCache):
         if keys.unique().numel() != keys.numel():
             raise ValueError("a row lists the same neighbour twice")
         self.num_nodes, self.num_edges = n, indices.numel()
-        self.rows = rows
-        self._init_cache(indptr, indices)
+        self.indptr, self.indices, self.rows = indptr, indices, rows
+        # The transposed graph (for the backward's gather of grad h_nbr): node j's incoming edges, ascending.
+        in_count = torch.bincount(indices, minlength=n)
+        self.in_ptr = torch.cat([in_count.new_zeros(1), in_count.cumsum(0)])
+        self.in_edges = torch.argsort(indices, stable=True)
+        self.max_deg, self.max_in_deg = int(indptr.diff().max()), int(in_count.max())
+        self._init_cache()
 
-    @property
-    def indptr(self) -> torch.Tensor:
-        return self._cpu[0]
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(indptr Tensor[N + 1], indices Tensor[E]), int64 on `device`."""
+        return self._copies("csr", (self.indptr, self.indices), device)
 
-    @property
-    def indices(self) -> torch.Tensor:
-        return self._cpu[1]
+    def transposed(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(in_ptr Tensor[N + 1], in_edges Tensor[E], edge_row Tensor[E]), int64 on `device`: node j's incoming
+        edges are in_edges[in_ptr[j]:in_ptr[j + 1]] (ascending edge ids), edge e runs from row edge_row[e]."""
+        return self._copies("transposed", (self.in_ptr, self.in_edges, self.rows), device)
 
     @classmethod
     def from_edges(cls, num_nodes: int, edges: Iterable[Sequence[int]], symmetric: bool = True) -> "LandmarkGraph":
@@ -123,13 +134,14 @@ class LandmarkGraph(_DeviceCache):
 class RelationSet(_DeviceCache):
     """Relations for `relative_location_loss`: delta_r(P) = sum_{m in r} weight[m] * P[member[m]] - P[anchor[r]].
 
-    anchor (Tensor[R]), indptr (Tensor[R + 1]), member (Tensor[M]), weight (Tensor[M], float32). Build with
-    `laplacian` (the paper's loss: mean of k related landmarks minus the landmark) or `pairs` (p_j - p_i).
+    anchor (Tensor[R]), indptr (Tensor[R + 1]), member (Tensor[M]), weight (Tensor[M], kept in float64 and handed
+    to the ops in their accumulation dtype). Build with `laplacian` (the paper's loss: mean of k related landmarks
+    minus the landmark) or `pairs` (p_j - p_i).
     """
 
     def __init__(self, num_points: int, anchor, indptr, member, weight):
         anchor, indptr, member = _as_index("anchor", anchor), _as_index("indptr", indptr), _as_index("member", member)
-        weight = torch.as_tensor(weight, dtype=torch.float32).contiguous()
+        weight = torch.as_tensor(weight, dtype=torch.float64).contiguous()
         if anchor.dim() != 1 or anchor.numel() == 0:
             raise ValueError(f"anchor must be a non-empty 1-D tensor, got shape {list(anchor.shape)}")
         r = anchor.numel()
@@ -148,23 +160,28 @@ class RelationSet(_DeviceCache):
             k = (member == anchor[owner]).nonzero()[0].item()
             raise ValueError(f"relation {owner[k].item()} lists its anchor {member[k].item()} as a member")
         self.num_points, self.num_relations, self.num_members = num_points, r, member.numel()
-        self._init_cache(anchor, indptr, member, weight)
+        self.anchor, self.indptr, self.member, self.weight = anchor, indptr, member, weight
+        # The transposed index: landmark j's entries (relation, coefficient), -1 as an anchor and +w as a member,
+        # sorted by landmark then relation, so a gradient is a fixed-order gather per landmark.
+        point = torch.cat([anchor, member])
+        rel = torch.cat([torch.arange(r), owner])
+        coef = torch.cat([-torch.ones(r, dtype=torch.float64), weight])
+        order = torch.argsort(point * r + rel, stable=True)
+        count = torch.bincount(point, minlength=num_points)
+        self.point_ptr = torch.cat([count.new_zeros(1), count.cumsum(0)])
+        self.point_rel, self.point_coef = rel[order], coef[order]
+        self.max_point_entries = int(count.max())
+        self._init_cache()
 
-    @property
-    def anchor(self) -> torch.Tensor:
-        return self._cpu[0]
+    def tensors(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple:
+        """(anchor Tensor[R], indptr Tensor[R + 1], member Tensor[M], weight Tensor[M]) on `device`, indices int64,
+        weight in `dtype` (the ops' accumulation dtype: float64 for float64 inputs, else float32)."""
+        return self._copies("relations", (self.anchor, self.indptr, self.member, self.weight), device, dtype)
 
-    @property
-    def indptr(self) -> torch.Tensor:
-        return self._cpu[1]
-
-    @property
-    def member(self) -> torch.Tensor:
-        return self._cpu[2]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._cpu[3]
+    def by_point(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple:
+        """(point_ptr Tensor[N + 1], point_rel Tensor[T], point_coef Tensor[T]) on `device`: landmark j's entries are
+        point_ptr[j]:point_ptr[j + 1], relation point_rel[t] uses it with coefficient point_coef[t] (in `dtype`)."""
+        return self._copies("by_point", (self.point_ptr, self.point_rel, self.point_coef), device, dtype)
 
     @classmethod
     def laplacian(cls, neighbors: Sequence[Sequence[int]]) -> "RelationSet":

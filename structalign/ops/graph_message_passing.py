@@ -3,20 +3,28 @@
     out_i = A_ii h_self_i + sum_{j in N(i), j != i} A_ij h_nbr_j (+ bias),   A_i. = softmax over row i of logits
 
 Backends: reference (structalign.ops.reference), cpp (torch.ops.structalign.graph_message_passing from
-structalign._C, CPU and CUDA), triton (torch.ops.structalign.graph_message_passing_triton over
-structalign_kernels.graph_message_passing). Each fused op has a fake (meta) implementation and an autograd formula
-that calls its fused backward op, so torch.compile treats the ops as opaque nodes.
+structalign._C, CPU and CUDA), triton (torch.ops.structalign.graph_message_passing_triton, a triton_op over
+structalign_kernels.graph_message_passing). Both fused backends take the graph and its transpose (cached by the
+LandmarkGraph per device) and are registered by one template (structalign.ops.fused): fake kernels and an autograd
+formula that calls the fused backward op.
 
     python -m pytest -q tests/ops/test_graph_message_passing.py
 """
-import weakref
-
 import torch
 from torch import Tensor
+from torch.library import triton_op
 
 from structalign.ops.backend import extension_error, resolve_backend
+from structalign.ops.fused import register_fused
 from structalign.ops.graph import LandmarkGraph
 from structalign.ops.reference import graph_message_passing_reference
+
+try:
+    from structalign_kernels import graph_message_passing as triton_launchers
+    from structalign_kernels.graph_message_passing import (graph_message_passing_backward_triton,
+                                                           graph_message_passing_forward_triton)
+except ImportError:  # no Triton: the reference and cpp backends remain
+    triton_launchers = None
 
 OP = "graph_message_passing"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -57,19 +65,18 @@ def graph_message_passing(h_self: torch.Tensor, h_nbr: torch.Tensor, logits: tor
     h_self, h_nbr (Tensor[B, N, C]): self and neighbour transforms of the node features (X W_self, X W_nbr); views
     with unit channel stride (e.g. the two halves of one X @ [W_self | W_nbr]) are read in place;
     logits (Tensor[E] shared by all faces, or Tensor[B, E] per face); graph: LandmarkGraph with N nodes, E edges;
-    bias (Tensor[C] or None). Returns Tensor[B, N, C] in h_self's dtype (fp16 / bf16 accumulate in fp32).
+    bias (Tensor[C] or None). Returns Tensor[B, N, C] in h_self's dtype, computed in float64 for float64 features
+    and in float32 otherwise (fp16 / bf16 accumulate in fp32; logits are cast to the computing dtype).
     """
     _check_inputs(h_self, h_nbr, logits, graph, bias)
-    indptr, indices = graph.tensors(h_self.device)
-    name = _resolve(backend, h_self.device)
-    if name == "cpp":
-        return torch.ops.structalign.graph_message_passing(h_self, h_nbr, logits, indptr, indices, bias)
-    if name == "triton":
-        in_ptr, in_edges, edge_row, max_deg, max_in_deg = _transposed(graph, h_self.device)
-        out, _ = graph_message_passing_triton(h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row,
-                                              bias, max_deg, max_in_deg)
-        return out
-    return graph_message_passing_reference(h_self, h_nbr, logits, indptr, indices, bias)
+    device = h_self.device
+    indptr, indices = graph.tensors(device)
+    name = _resolve(backend, device)
+    if name == "reference":
+        return graph_message_passing_reference(h_self, h_nbr, logits, indptr, indices, bias)
+    fused = _APPLY[name]
+    return fused(h_self, h_nbr, logits, indptr, indices, *graph.transposed(device), bias, graph.max_deg,
+                 graph.max_in_deg)
 
 
 @torch.compiler.assume_constant_result
@@ -79,137 +86,75 @@ def _resolve(backend: str | None, device: torch.device) -> str:
     return resolve_backend(backend, device, OP)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("graph_message_passing: double backward (a gradient of its gradient) is not supported")
+# ---- one template for both fused backends -----------------------------------------------------------------------
+# forward(h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row, bias, max_deg, max_in_deg) -> out
+# backward(grad_out, h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row, max_deg, max_in_deg,
+#          output_mask) -> (grad_h_self, grad_h_nbr, grad_logits, grad_bias), masked-off gradients empty [0].
+# The C++ schemas are in csrc/graph_message_passing.cpp; the Triton pair below has the same signatures.
 
-
-def _no_double_backward_context(ctx, inputs, output):
-    pass
-
-
-def _check_fake_args(h_self, h_nbr, logits, indices):
+def _fake_forward(h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row, bias, max_deg, max_in_deg):
     torch._check(h_self.dim() == 3, lambda: f"h_self must have shape [B, N, C], got {list(h_self.shape)}")
     torch._check(h_nbr.shape == h_self.shape, lambda: f"h_nbr must match h_self's shape {list(h_self.shape)}")
     torch._check(logits.shape[-1] == indices.shape[0], lambda: "logits must have one entry per edge")
+    return h_self.new_empty(h_self.shape)
 
 
-# ---- C++ ops (structalign._C) ------------------------------------------------------------------------------------
-# The schema lives in csrc/graph_message_passing.cpp; fake kernels let torch.compile / export trace shapes without
-# running them (the backward op needs one too, or AOT dispatch fails), and the autograd formula routes the gradient
-# through the fused backward op.
-
-def _register_cpp_op() -> None:
-    @torch.library.register_fake("structalign::graph_message_passing")
-    def _(h_self, h_nbr, logits, indptr, indices, bias):
-        _check_fake_args(h_self, h_nbr, logits, indices)
-        return h_self.new_empty(h_self.shape)
-
-    @torch.library.register_fake("structalign::graph_message_passing_backward")
-    def _(grad_out, h_self, h_nbr, logits, indptr, indices, output_mask):
-        _check_fake_args(h_self, h_nbr, logits, indices)
-        full = (h_self.shape, h_self.shape, logits.shape, h_self.shape[2:])
-        dtypes = (h_self.dtype, h_self.dtype, logits.dtype, h_self.dtype)
-        return tuple(h_self.new_empty(shape if need else (0,), dtype=dtype)
-                     for need, shape, dtype in zip(output_mask, full, dtypes))
-
-    def setup_context(ctx, inputs, output):
-        h_self, h_nbr, logits, indptr, indices, bias = inputs
-        ctx.save_for_backward(h_self, h_nbr, logits, indptr, indices)
-        ctx.has_bias = bias is not None
-
-    def backward(ctx, grad_out):
-        h_self, h_nbr, logits, indptr, indices = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], need[1], need[2], ctx.has_bias and need[5]]
-        grads = torch.ops.structalign.graph_message_passing_backward(grad_out, h_self, h_nbr, logits, indptr,
-                                                                     indices, mask)
-        gh, gn, gl, gb = (g if m else None for g, m in zip(grads, mask))
-        return gh, gn, gl, None, None, gb
-
-    torch.library.register_autograd("structalign::graph_message_passing", backward, setup_context=setup_context)
-    torch.library.register_autograd("structalign::graph_message_passing_backward", _no_double_backward,
-                                    setup_context=_no_double_backward_context)
+def _fake_backward(grad_out, h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row, max_deg,
+                   max_in_deg, output_mask):
+    _fake_forward(h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row, None, max_deg, max_in_deg)
+    full = (h_self.shape, h_self.shape, logits.shape, h_self.shape[2:])
+    dtypes = (h_self.dtype, h_self.dtype, logits.dtype, h_self.dtype)
+    return tuple(h_self.new_empty(shape if need else (0,), dtype=dtype)
+                 for need, shape, dtype in zip(output_mask, full, dtypes))
 
 
-if extension_error() is None:
-    _register_cpp_op()
-
-
-# ---- Triton op (structalign_kernels) -----------------------------------------------------------------------------
-# Its own custom op because the C++ extension holds the CUDA dispatch key of structalign::graph_message_passing,
-# and because torch.compile cannot trace into Triton kernels on the CPU; as an opaque op with a fake kernel it can.
-
-@torch.library.custom_op("structalign::graph_message_passing_triton", mutates_args=())
-def graph_message_passing_triton(h_self: Tensor, h_nbr: Tensor, logits: Tensor, indptr: Tensor, indices: Tensor,
-                                 in_ptr: Tensor, in_edges: Tensor, edge_row: Tensor, bias: Tensor | None,
-                                 max_deg: int, max_in_deg: int) -> tuple[Tensor, Tensor]:
-    """Triton forward: returns out (Tensor[B, N, C]) and the softmax kept for the backward (fp32 Tensor[1 or B, E]).
-
-    in_ptr (Tensor[N + 1]), in_edges, edge_row (Tensor[E]): the transposed graph, used by the backward;
-    max_deg / max_in_deg: the longest row / the most incoming edges of a node.
-    """
-    from structalign_kernels.graph_message_passing import graph_message_passing_forward_triton
-
-    return graph_message_passing_forward_triton(h_self, h_nbr, logits, indptr, indices, bias, max_deg)
-
-
-@graph_message_passing_triton.register_fake
-def _(h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row, bias, max_deg, max_in_deg):
-    _check_fake_args(h_self, h_nbr, logits, indices)
-    sets = logits.shape[0] if logits.dim() == 2 else 1
-    return h_self.new_empty(h_self.shape), logits.new_empty((sets, indices.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("structalign::graph_message_passing_triton_backward", mutates_args=())
-def graph_message_passing_triton_backward(grad_out: Tensor, h_self: Tensor, h_nbr: Tensor, attn: Tensor,
-                                          indptr: Tensor, indices: Tensor, in_ptr: Tensor, in_edges: Tensor,
-                                          edge_row: Tensor, max_deg: int,
-                                          max_in_deg: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton backward: grad_h_self, grad_h_nbr (Tensor[B, N, C]) and per-face grad logits (fp32 Tensor[B, E])."""
-    from structalign_kernels.graph_message_passing import graph_message_passing_backward_triton
-
-    return graph_message_passing_backward_triton(grad_out, h_self, h_nbr, attn, indptr, indices, in_ptr, in_edges,
-                                                 edge_row, max_deg, max_in_deg)
-
-
-@graph_message_passing_triton_backward.register_fake
-def _(grad_out, h_self, h_nbr, attn, indptr, indices, in_ptr, in_edges, edge_row, max_deg, max_in_deg):
-    return (h_self.new_empty(h_self.shape), h_self.new_empty(h_self.shape),
-            attn.new_empty((h_self.shape[0], indices.shape[0])))
-
-
-def _triton_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row, bias, max_deg, max_in_deg = inputs
-    ctx.save_for_backward(h_self, h_nbr, output[1], indptr, indices, in_ptr, in_edges, edge_row)
+    ctx.save_for_backward(h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges, edge_row)
     ctx.degrees = (max_deg, max_in_deg)
-    ctx.per_face = logits.dim() == 2
-    ctx.logits_dtype = logits.dtype
     ctx.has_bias = bias is not None
 
 
-def _triton_backward(ctx, grad_out, grad_attn):
-    h_self, h_nbr, attn, indptr, indices, in_ptr, in_edges, edge_row = ctx.saved_tensors
-    gh, gn, gl = graph_message_passing_triton_backward(grad_out, h_self, h_nbr, attn, indptr, indices, in_ptr,
-                                                       in_edges, edge_row, *ctx.degrees)
-    gl = (gl if ctx.per_face else gl.sum(0)).to(ctx.logits_dtype)
-    gb = grad_out.sum((0, 1), dtype=torch.float32).to(h_self.dtype) if ctx.has_bias else None
-    return gh, gn, gl, None, None, None, None, None, gb, None, None
+def _backward_formula(backward_op):
+    def backward(ctx, grad_out):
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], ctx.has_bias and need[8]]
+        grads = backward_op(grad_out, *ctx.saved_tensors, *ctx.degrees, mask)
+        gh, gn, gl, gb = (g if m else None for g, m in zip(grads, mask))
+        return gh, gn, gl, None, None, None, None, None, gb, None, None
+
+    return backward
 
 
-graph_message_passing_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
-graph_message_passing_triton_backward.register_autograd(_no_double_backward,
-                                                        setup_context=_no_double_backward_context)
+_APPLY = {}  # backend -> the forward op with its autograd formula (register_fused's apply)
 
-_TRANSPOSED: "weakref.WeakKeyDictionary[LandmarkGraph, dict]" = weakref.WeakKeyDictionary()
+if extension_error() is None and hasattr(torch.ops.structalign, OP):
+    _APPLY["cpp"] = register_fused(f"structalign::{OP}", f"structalign::{OP}_backward", _setup_context,
+                                   _backward_formula(torch.ops.structalign.graph_message_passing_backward),
+                                   _fake_forward, _fake_backward)
 
 
-def _transposed(graph: LandmarkGraph, device: torch.device) -> tuple:
-    """(in_ptr, in_edges, edge_row, max_deg, max_in_deg) of the graph on `device`, computed once per graph."""
-    per_device = _TRANSPOSED.setdefault(graph, {})
-    if device not in per_device:
-        in_edges = torch.argsort(graph.indices, stable=True)
-        in_count = torch.bincount(graph.indices, minlength=graph.num_nodes)
-        in_ptr = torch.cat([in_count.new_zeros(1), in_count.cumsum(0)])
-        tensors = tuple(t.to(device) for t in (in_ptr, in_edges, graph.rows))
-        per_device[device] = (*tensors, int(graph.indptr.diff().max()), int(in_count.max()))
-    return per_device[device]
+# The Triton pair: torch.library.triton_op, so torch.compile sees the kernels; its body is its own fake kernel.
+# Separate operators because structalign._C owns the CUDA key of structalign::graph_message_passing.
+if triton_launchers is not None:
+    @triton_op(f"structalign::{OP}_triton", mutates_args=())
+    def graph_message_passing_triton(h_self: Tensor, h_nbr: Tensor, logits: Tensor, indptr: Tensor,
+                                     indices: Tensor, in_ptr: Tensor, in_edges: Tensor, edge_row: Tensor,
+                                     bias: Tensor | None, max_deg: int, max_in_deg: int) -> Tensor:
+        """The Triton forward (structalign_kernels.graph_message_passing), with the C++ op's contract."""
+        return graph_message_passing_forward_triton(h_self, h_nbr, logits, indptr, indices, in_ptr, in_edges,
+                                                    edge_row, bias, max_deg, max_in_deg)
+
+    @triton_op(f"structalign::{OP}_triton_backward", mutates_args=())
+    def graph_message_passing_triton_backward(grad_out: Tensor, h_self: Tensor, h_nbr: Tensor, logits: Tensor,
+                                              indptr: Tensor, indices: Tensor, in_ptr: Tensor, in_edges: Tensor,
+                                              edge_row: Tensor, max_deg: int, max_in_deg: int,
+                                              output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The Triton backward, with the C++ backward op's contract."""
+        return graph_message_passing_backward_triton(grad_out, h_self, h_nbr, logits, indptr, indices, in_ptr,
+                                                     in_edges, edge_row, max_deg, max_in_deg, output_mask)
+
+    _APPLY["triton"] = register_fused(f"structalign::{OP}_triton", f"structalign::{OP}_triton_backward",
+                                      _setup_context, _backward_formula(graph_message_passing_triton_backward))
+else:
+    graph_message_passing_triton = None

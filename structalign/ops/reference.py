@@ -18,8 +18,13 @@ def _edge_rows(indptr: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(n, device=indptr.device), indptr.diff())
 
 
-def _fp32(*tensors):
-    return [None if t is None else (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t) for t in tensors]
+def acc_dtype(*tensors) -> torch.dtype:
+    """Accumulation dtype of the ops: float64 when any of the (floating) tensors is float64, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _to(dtype, *tensors):
+    return [None if t is None else t.to(dtype) for t in tensors]
 
 
 def edge_softmax_reference(logits: torch.Tensor, indptr: torch.Tensor) -> torch.Tensor:
@@ -39,10 +44,11 @@ def graph_message_passing_reference(h_self, h_nbr, logits, indptr, indices, bias
     """out_i = A_ii h_self_i + sum_{j in N(i), j != i} A_ij h_nbr_j (+ bias), A = row softmax of logits.
 
     h_self, h_nbr (Tensor[B, N, C]); logits (Tensor[E] shared, or Tensor[B, E] per face); indptr (Tensor[N + 1]),
-    indices (Tensor[E]) as in LandmarkGraph; bias (Tensor[C] or None). Returns Tensor[B, N, C] in h_self's dtype.
+    indices (Tensor[E]) as in LandmarkGraph; bias (Tensor[C] or None). Returns Tensor[B, N, C] in h_self's dtype,
+    computed in float64 for float64 features and in float32 otherwise (logits cast to that dtype).
     """
     dtype = h_self.dtype
-    h_self, h_nbr, logits, bias = _fp32(h_self, h_nbr, logits, bias)
+    h_self, h_nbr, logits, bias = _to(acc_dtype(h_self), h_self, h_nbr, logits, bias)
     rows = _edge_rows(indptr)
     attn = edge_softmax_reference(logits, indptr)
     if attn.dim() == 1:
@@ -85,7 +91,7 @@ def relation_weight_reference(landmark_weight, anchor, indptr, member):
     """Weight of each relation (Tensor[B, R]): w[anchor] times the product of w over its members."""
     r = anchor.numel()
     owner = torch.repeat_interleave(torch.arange(r, device=indptr.device), indptr.diff())
-    lw = landmark_weight.float()
+    lw = landmark_weight.to(acc_dtype(landmark_weight))
     prod = torch.ones(lw.shape[0], r, dtype=lw.dtype, device=lw.device)
     prod = prod.scatter_reduce(1, owner.expand(lw.shape[0], -1), lw[:, member], "prod", include_self=True)
     return lw[:, anchor] * prod
@@ -114,14 +120,17 @@ def relative_location_loss_reference(pred, target, anchor, indptr, member, weigh
 
     pred, target (Tensor[B, N, 2]); anchor (Tensor[R]), indptr (Tensor[R + 1]), member, weight (Tensor[M]) as in
     RelationSet; landmark_weight (Tensor[B, N] or None): a relation counts with w[anchor] * prod w[members].
-    reduction "mean" (over B x R x 2, or weighted mean), "sum", or "none" (Tensor[B, R, 2]). Computed in fp32.
+    reduction "mean" (over B x R x 2, or weighted mean), "sum", or "none" (Tensor[B, R, 2]). Computed and returned
+    in float64 when pred or target is float64, else in float32.
     """
-    err = pred.float() - target.float()
+    acc = acc_dtype(pred, target)
+    err = pred.to(acc) - target.to(acc)
     owner = torch.repeat_interleave(torch.arange(anchor.numel(), device=indptr.device), indptr.diff())
     delta = torch.zeros(err.shape[0], anchor.numel(), 2, dtype=err.dtype, device=err.device)
     delta = delta.index_add(1, owner, weight.to(err.dtype).view(1, -1, 1) * err[:, member]) - err[:, anchor]
     elem = criterion_reference(delta, criterion, omega1, omega2, epsilon)
-    rel_w = None if landmark_weight is None else relation_weight_reference(landmark_weight, anchor, indptr, member)
+    rel_w = None if landmark_weight is None else relation_weight_reference(landmark_weight.to(acc), anchor, indptr,
+                                                                            member)
     return _reduce(elem, rel_w, reduction)
 
 
@@ -130,12 +139,14 @@ def relative_location_loss_dense(pred, target, anchor, indptr, member, weight, l
     """Unfused formulation: dense relation matrix L (R x N) applied to pred and to target separately, as the
     paper's LaplacianLoss does (delta tensors of both built), then the criterion on their difference."""
     r, n = anchor.numel(), pred.shape[1]
+    acc = acc_dtype(pred, target)
     owner = torch.repeat_interleave(torch.arange(r, device=indptr.device), indptr.diff())
-    lap = torch.zeros(r, n, dtype=torch.float32, device=pred.device)
-    lap.index_put_((owner, member), weight.float(), accumulate=True)
+    lap = torch.zeros(r, n, dtype=acc, device=pred.device)
+    lap.index_put_((owner, member), weight.to(acc), accumulate=True)
     lap[torch.arange(r, device=pred.device), anchor] -= 1.0
-    delta_pred = torch.matmul(lap, pred.float())
-    delta_target = torch.matmul(lap, target.float())
+    delta_pred = torch.matmul(lap, pred.to(acc))
+    delta_target = torch.matmul(lap, target.to(acc))
     elem = criterion_reference(delta_pred - delta_target, criterion, omega1, omega2, epsilon)
-    rel_w = None if landmark_weight is None else relation_weight_reference(landmark_weight, anchor, indptr, member)
+    rel_w = None if landmark_weight is None else relation_weight_reference(landmark_weight.to(acc), anchor, indptr,
+                                                                            member)
     return _reduce(elem, rel_w, reduction)

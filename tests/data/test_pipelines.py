@@ -243,6 +243,7 @@ def test_draws_are_a_pure_function_of_seed_epoch_position():
 
 @pytest.mark.gpu
 def test_dali_gpu_matches_cpu(synth_root):
+    pytest.importorskip("nvidia.dali")
     ds = open_dataset(synth_root, "wflw", "train")
     kw = dict(batch_size=8, train=True, image_size=96, augment=AugmentConfig(), seed=2, num_threads=2,
               backend="dali")

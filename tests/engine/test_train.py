@@ -106,6 +106,7 @@ def test_ddp_two_processes_keep_identical_parameters(synth_root, tmp_path):
 
 @pytest.mark.gpu
 def test_bf16_training_on_cuda_with_the_dali_loader(synth_root, tmp_path):
+    pytest.importorskip("nvidia.dali")
     cfg = tiny_config(synth_root, str(tmp_path), data={"loader": "dali", "num_threads": 2},
                       train={"device": "cuda", "precision": "bf16", "epochs": 1})
     result = train(cfg)

@@ -156,3 +156,36 @@ def test_bf16_autocast_keeps_fp32_landmarks():
         out = model(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, model(x), rtol=0, atol=1.0)
+
+
+def test_graph_block_hands_the_op_a_channel_contiguous_gradient():
+    """BatchNorm over [B * N, C] rows: the statistics (and outputs, gradients) of BatchNorm1d over [B, C, N], and the
+    gradient reaching the graph op has unit channel stride, so the fused backward reads it in place (no copy)."""
+    from structalign.models.lgrn import GraphBlock
+
+    graph = message_graph(WFLW98)
+    block = GraphBlock(16, 24, graph, learn_edges=True, op_backend="reference").train()
+    x = torch.randn(3, 98, 16, requires_grad=True)
+    strides = []
+    conv_forward = block.conv.forward
+
+    def recording_forward(*args):
+        y = conv_forward(*args)
+        y.register_hook(lambda g: strides.append(g.stride()))
+        return y
+
+    block.conv.forward = recording_forward
+    out = block(x)
+    grad_out = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, grad_out)
+    assert strides and strides[0][-1] == 1, f"gradient strides at the op's output: {strides}"
+
+    bn = torch.nn.BatchNorm1d(24).train()
+    bn.load_state_dict({k: v for k, v in block.bn.state_dict().items()})
+    bn.running_mean.zero_(), bn.running_var.fill_(1), bn.num_batches_tracked.zero_()
+    x2 = x.detach().requires_grad_(True)
+    y = torch.relu(bn(conv_forward(x2).transpose(1, 2)).transpose(1, 2))
+    (grad_x2,) = torch.autograd.grad(y, x2, grad_out)
+    torch.testing.assert_close(out, y, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_x, grad_x2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(block.bn.running_var, bn.running_var)

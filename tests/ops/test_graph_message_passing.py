@@ -10,6 +10,8 @@ from functools import lru_cache
 
 import pytest
 import torch
+
+pytest.importorskip("hypothesis")  # property tests; the GPU checks (test_ops_cuda.py) do without it
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +31,11 @@ LOW_PRECISION = [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)]
 @lru_cache(maxsize=None)
 def scheme_graph(n: int) -> LandmarkGraph:
     return LandmarkGraph.from_edges(n, scheme_for(n).edges)
+
+
+def op_graph_args(graph, device="cpu"):
+    """The graph arguments of the fused ops: (indptr, indices, in_ptr, in_edges, edge_row) on `device`."""
+    return (*graph.tensors(device), *graph.transposed(device))
 
 
 def sample_inputs(graph, b, c, per_face, with_bias, dtype=torch.float32, device="cpu", requires_grad=True):
@@ -146,22 +153,22 @@ def test_gradcheck_cpp_float64(per_face, seed):
 def test_opcheck_cpp(per_face):
     graph = scheme_graph(29)
     h_self, h_nbr, logits, bias = sample_inputs(graph, 2, 7, per_face, True)
-    args = (h_self, h_nbr, logits, graph.indptr, graph.indices, bias)
+    degrees = (graph.max_deg, graph.max_in_deg)
+    args = (h_self, h_nbr, logits, *op_graph_args(graph), bias, *degrees)
     torch.library.opcheck(torch.ops.structalign.graph_message_passing.default, args)
     grad_out = torch.randn(2, 29, 7)
     for mask in ([True, True, True, True], [True, False, True, False]):
-        backward_args = (grad_out, h_self.detach(), h_nbr.detach(), logits.detach(), graph.indptr, graph.indices, mask)
+        backward_args = (grad_out, h_self.detach(), h_nbr.detach(), logits.detach(), *op_graph_args(graph), *degrees,
+                         mask)
         torch.library.opcheck(torch.ops.structalign.graph_message_passing_backward.default, backward_args)
 
 
 @needs_triton
-def test_opcheck_triton():
-    from structalign.ops.graph_message_passing import _transposed
-
+@pytest.mark.parametrize("per_face", [False, True])
+def test_opcheck_triton(per_face):
     graph = scheme_graph(29)
-    h_self, h_nbr, logits, bias = sample_inputs(graph, 2, 7, True, True)
-    args = (h_self, h_nbr, logits, graph.indptr, graph.indices, *_transposed(graph, torch.device("cpu"))[:3], bias,
-            *_transposed(graph, torch.device("cpu"))[3:])
+    h_self, h_nbr, logits, bias = sample_inputs(graph, 2, 7, per_face, True)
+    args = (h_self, h_nbr, logits, *op_graph_args(graph), bias, graph.max_deg, graph.max_in_deg)
     torch.library.opcheck(torch.ops.structalign.graph_message_passing_triton.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -171,10 +178,9 @@ def test_backward_output_mask_skips_gradients():
     graph = scheme_graph(29)
     h_self, h_nbr, logits, _ = sample_inputs(graph, 2, 7, False, False, requires_grad=False)
     grad_out = torch.randn(2, 29, 7)
-    full = torch.ops.structalign.graph_message_passing_backward(grad_out, h_self, h_nbr, logits, graph.indptr,
-                                                                graph.indices, [True, True, True, True])
-    part = torch.ops.structalign.graph_message_passing_backward(grad_out, h_self, h_nbr, logits, graph.indptr,
-                                                                graph.indices, [False, True, False, False])
+    args = (grad_out, h_self, h_nbr, logits, *op_graph_args(graph), graph.max_deg, graph.max_in_deg)
+    full = torch.ops.structalign.graph_message_passing_backward(*args, [True, True, True, True])
+    part = torch.ops.structalign.graph_message_passing_backward(*args, [False, True, False, False])
     assert [t.numel() for t in part] == [0, 2 * 29 * 7, 0, 0]
     torch.testing.assert_close(part[1], full[1])
     torch.testing.assert_close(full[3], grad_out.sum((0, 1)))
@@ -252,6 +258,71 @@ def test_random_graphs_triton(graph, b, c, per_face, with_bias, scale):
     _check_random_graph("triton", graph, b, c, per_face, with_bias, scale)
 
 
+# ---- float64 is float64 on every backend --------------------------------------------------------------------------
+
+def float64_oracle(graph, h_self, h_nbr, logits, bias):
+    """The formula of method.md §1.3-1.4 row by row in float64, independent of the ops' code:
+    out_i = sum_{e in row i} softmax(logits_row)_e * (h_self_i if e is the self loop else h_nbr_j) + bias."""
+    b = h_self.shape[0]
+    rows = []
+    for i in range(graph.num_nodes):
+        lo, hi = int(graph.indptr[i]), int(graph.indptr[i + 1])
+        nbrs = graph.indices[lo:hi].tolist()
+        lg = (logits[:, lo:hi] if logits.dim() == 2 else logits[lo:hi].expand(b, -1)).double()
+        weights = torch.exp(lg - lg.max(1, keepdim=True).values)
+        weights = weights / weights.sum(1, keepdim=True)
+        values = torch.stack([(h_self if j == i else h_nbr)[:, j].double() for j in nbrs], 1)  # [B, deg, C]
+        rows.append((weights.unsqueeze(-1) * values).sum(1))
+    out = torch.stack(rows, 1)
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float64, torch.float32], ids=["logits64", "logits32"])
+@pytest.mark.parametrize("per_face", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_matches_a_float64_oracle(backend, per_face, logits_dtype):
+    """float64 features are computed in float64 (logits too, whatever their dtype): 1e-10 relative, not 1e-7."""
+    torch.manual_seed(3)
+    graph = scheme_graph(68)
+    h_self, h_nbr, _, bias = sample_inputs(graph, 2, 19, per_face, True, dtype=torch.float64)
+    logits = (4 * torch.randn((2, graph.num_edges) if per_face else (graph.num_edges,), dtype=torch.float64))
+    logits = logits.to(logits_dtype).requires_grad_(True)
+    grad_out = torch.randn(2, 68, 19, dtype=torch.float64)
+    out, grads = run(backend, graph, h_self, h_nbr, logits, bias, grad_out)
+    inputs = (h_self, h_nbr, logits, bias)
+    oracle = float64_oracle(graph, *inputs)
+    oracle_grads = torch.autograd.grad(oracle, inputs, grad_out)
+    assert out.dtype == torch.float64 and grads[2].dtype == logits_dtype
+    torch.testing.assert_close(out, oracle, atol=1e-12, rtol=1e-10)
+    for k, (g, x) in enumerate(zip(grads, oracle_grads)):
+        tol = 1e-10 if g.dtype == torch.float64 else 1e-6  # float32 logits get a float32 gradient
+        torch.testing.assert_close(g, x.to(g.dtype), atol=tol * 1e-2, rtol=tol, msg=lambda m: f"grad[{k}]: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_features_with_float64_logits(backend):
+    """The API allows logits of another float dtype: computed in the features' float32, logits' grad in float64."""
+    graph = scheme_graph(29)
+    h_self, h_nbr, logits, bias = sample_inputs(graph, 2, 5, True, True)
+    logits64 = logits.detach().double().requires_grad_(True)
+    grad_out = torch.randn(2, 29, 5)
+    out, grads = run(backend, graph, h_self, h_nbr, logits64, bias, grad_out)
+    ref_out, ref_grads = reference_run(graph, h_self, h_nbr, logits, bias, grad_out)
+    assert out.dtype == torch.float32 and grads[2].dtype == torch.float64
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    assert_all_close(grads, ref_grads, 1e-5, 1e-5, "grad")
+
+
+def test_transposed_graph_lists_every_incoming_edge():
+    graph = scheme_graph(98)
+    in_ptr, in_edges, edge_row = graph.transposed()
+    for j in range(graph.num_nodes):
+        incoming = in_edges[in_ptr[j]:in_ptr[j + 1]]
+        assert incoming.tolist() == (graph.indices == j).nonzero().flatten().tolist()
+    assert torch.equal(edge_row, torch.repeat_interleave(torch.arange(98), graph.indptr.diff()))
+    assert graph.max_deg == int(graph.indptr.diff().max()) and graph.max_in_deg == int(in_ptr.diff().max())
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------------
 
 def _good(b=2, c=4):
@@ -305,12 +376,15 @@ def test_bad_graph_is_rejected_at_construction(indptr, indices, match):
 ])
 def test_cpp_op_called_directly_checks_its_arguments(edit, match):
     graph, h_self, h_nbr, logits, bias = _good()
-    args = dict(h_self=h_self, h_nbr=h_nbr, logits=logits, indptr=graph.indptr, indices=graph.indices, bias=bias)
+    in_ptr, in_edges, edge_row = graph.transposed()
+    args = dict(h_self=h_self, h_nbr=h_nbr, logits=logits, indptr=graph.indptr, indices=graph.indices, in_ptr=in_ptr,
+                in_edges=in_edges, edge_row=edge_row, bias=bias, max_deg=graph.max_deg, max_in_deg=graph.max_in_deg)
     edit(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.structalign.graph_message_passing(*args.values())
     grad_out = torch.randn(2, 29, 4)
-    backward_args = [args[k] for k in ("h_self", "h_nbr", "logits", "indptr", "indices")]
+    backward_args = [args[k] for k in ("h_self", "h_nbr", "logits", "indptr", "indices", "in_ptr", "in_edges",
+                                       "edge_row", "max_deg", "max_in_deg")]
     if args["bias"] is bias:  # the backward has no bias argument
         with pytest.raises(RuntimeError, match=match):
             torch.ops.structalign.graph_message_passing_backward(grad_out, *backward_args, [True] * 4)
@@ -321,42 +395,5 @@ def test_cpp_backward_checks_grad_out():
     graph, h_self, h_nbr, logits, _ = _good()
     with pytest.raises(RuntimeError, match="grad_out must have shape"):
         torch.ops.structalign.graph_message_passing_backward(torch.randn(2, 29, 3), h_self, h_nbr, logits,
-                                                             graph.indptr, graph.indices, [True] * 4)
-
-
-# ---- CUDA (skipped without a GPU) ------------------------------------------------------------------------------------
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5)] + LOW_PRECISION, ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_cuda_matches_reference(backend, dtype, tol):
-    graph = scheme_graph(98)
-    for per_face, with_bias in ((False, True), (True, False)):
-        h_self, h_nbr, logits, bias = sample_inputs(graph, 5, 130, per_face, with_bias, dtype=dtype, device="cuda")
-        grad_out = torch.randn(5, 98, 130, dtype=dtype, device="cuda")
-        out, grads = run(backend, graph, h_self, h_nbr, logits, bias, grad_out)
-        as_fp32 = [None if t is None else t.detach().float().requires_grad_(True)
-                   for t in (h_self, h_nbr, logits, bias)]
-        ref_out, ref_grads = reference_run_on(graph, *as_fp32, grad_out.float())
-        torch.testing.assert_close(out.float(), ref_out, atol=tol, rtol=tol)
-        assert_all_close(grads, ref_grads, tol, tol, "grad")
-
-
-@pytest.mark.gpu
-def test_cuda_graph_capture_cpp():
-    graph = scheme_graph(98)
-    h_self, h_nbr, logits, bias = sample_inputs(graph, 4, 64, True, True, device="cuda")
-    step = torch.compile(lambda *a: graph_message_passing(*a[:3], graph, a[3], backend="cpp"),
-                         mode="reduce-overhead", fullgraph=True)
-    with torch.no_grad():
-        for _ in range(3):
-            out = step(h_self, h_nbr, logits, bias)
-        ref = graph_message_passing_reference(h_self, h_nbr, logits, *graph.tensors("cuda"), bias)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
-def reference_run_on(graph, h_self, h_nbr, logits, bias, grad_out):
-    indptr, indices = graph.tensors(h_self.device)
-    out = graph_message_passing_reference(h_self, h_nbr, logits, indptr, indices, bias)
-    inputs = [t for t in (h_self, h_nbr, logits, bias) if t is not None]
-    return out, torch.autograd.grad(out, inputs, grad_out)
+                                                             *op_graph_args(graph), graph.max_deg, graph.max_in_deg,
+                                                             [True] * 4)
