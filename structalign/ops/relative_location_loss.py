@@ -129,6 +129,7 @@ def _fake_backward(grad_out, pred, target, anchor, indptr, member, weight, point
 
 def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])  # the gradient that comes with the loss
+    ctx.set_materialize_grads(False)  # no zero-filled [B, N, 2] gradient for that output in the backward
     reduction, need_grad = inputs[14], inputs[15]
     ctx.reduction, ctx.need_grad, ctx.pred_dtype = reduction, need_grad, inputs[0].dtype
     if reduction == _NONE:
@@ -140,6 +141,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(backward_op):
     def backward(ctx, grad_loss, _grad_of_grad_pred):
+        if grad_loss is None:  # the loss is not used (gradients are not materialised as zeros)
+            return (None,) * 16
         if ctx.reduction == _NONE:
             grad = backward_op(grad_loss, *ctx.saved_tensors, *ctx.params)
         else:
