@@ -31,7 +31,6 @@ Exit status: 0 when no step failed or timed out (skipped steps are allowed), 1 o
 and --dry-run was not given.
 """
 import argparse
-import ast
 import datetime
 import fcntl
 import glob
