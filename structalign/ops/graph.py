@@ -3,8 +3,9 @@
 LandmarkGraph  the message-passing graph: compressed rows (CSR) over N nodes, every row holding its self loop.
 RelationSet    the relative-location relations: delta_r = sum_m w_m p[member_m] - p[anchor_r] for r < R.
 
-Both keep int64 index tensors on the CPU and hand out cached copies per device (`tensors(device)`), so a model can
-hold one object and call the ops on any device without re-validating or re-copying.
+Both keep their index tensors on the CPU and hand out cached copies per device (`tensors(device)`, and the
+transposed indices the fused backwards gather over: `LandmarkGraph.transposed`, `RelationSet.by_point`), so a model
+can hold one object and call the ops on any device without re-validating, re-transposing or re-copying.
 """
 from __future__ import annotations
 
