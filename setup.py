@@ -23,8 +23,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _find_cuda_home():
     """A CUDA toolkit root (bin/nvcc and include/cuda_runtime.h) or None, found by tools/cuda_home.py."""
-    if os.environ.get("CUDA_HOME", "").lower() == "none":
-        return None
     path = os.path.join(ROOT, "tools", "cuda_home.py")
     if not os.path.isfile(path):  # an sdist without tools/: torch's own guess
         return "torch"

@@ -14,6 +14,11 @@ from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels compute in for t's dtype: float64 for float64, float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def device_of(t: torch.Tensor):
     """The context that launches on t's device (the current CUDA device may be another one)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

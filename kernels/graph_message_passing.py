@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structalign_kernels import device_of, launch
+from structalign_kernels import acc_dtype, device_of, launch
 
 
 @triton.jit
@@ -204,10 +204,6 @@ def _tiles(n: int, c: int, fp64: bool, on_gpu: bool) -> dict:
     }
 
 
-def _acc_dtype(h: torch.Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
-
-
 def _logits_strides(logits: torch.Tensor) -> tuple:
     """(face stride, edge stride) of shared (Tensor[E], face stride 0) or per-face (Tensor[B, E]) logits."""
     return (0, logits.stride(0)) if logits.dim() == 1 else (logits.stride(0), logits.stride(1))
@@ -249,7 +245,7 @@ def graph_message_passing_backward_triton(grad_out, h_self, h_nbr, logits, indpt
     e = indices.numel()
     dev = h_self.device
     need_hs, need_hn, need_logits, need_bias = (bool(m) for m in output_mask)
-    acc = _acc_dtype(h_self)
+    acc = acc_dtype(h_self)
     shared = logits.dim() == 1
 
     def alloc(need, shape, dtype):

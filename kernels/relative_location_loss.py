@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structalign_kernels import device_of, launch
+from structalign_kernels import acc_dtype, device_of, launch
 
 CRITERIA = {"soft_wing": 0, "l1": 1, "mse": 2}
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
@@ -156,10 +156,6 @@ def _tiles(b: int, n: int, on_gpu: bool) -> tuple:
     return min(triton.next_power_of_2(max(b, 1)), max(1, lanes // block_n)), block_n
 
 
-def _acc_dtype(pred: torch.Tensor) -> torch.dtype:
-    return torch.float64 if pred.dtype == torch.float64 else torch.float32
-
-
 def _launch(pred, target, anchor, indptr, member, weight, point_ptr, point_rel, point_coef, landmark_weight,
             criterion: int, omega1: float, omega2: float, epsilon: float, store_none: bool, need_grad: bool,
             grad_scale: float, grad_out=None):
@@ -167,7 +163,7 @@ def _launch(pred, target, anchor, indptr, member, weight, point_ptr, point_rel, 
     b, n, _ = pred.shape
     r = anchor.numel()
     dev = pred.device
-    acc = _acc_dtype(pred)
+    acc = acc_dtype(pred)
     loss = torch.empty((b, r, 2), dtype=acc, device=dev) if store_none else None
     grad = torch.empty((b, n, 2), dtype=acc, device=dev) if need_grad else None
     block_b, block_n = _tiles(b, n, on_gpu=pred.is_cuda)

@@ -7,7 +7,6 @@ structalign/ops/reference.py; gradients come from autograd over them in float64.
 relative; float64 features with float32 logits compute in float64 too. The helpers are shared with
 tests/ops/test_cpp_cuda_emulation.py, which runs the CUDA kernels in a CPU emulation against the same formulas.
 """
-import math
 
 import pytest
 import torch
@@ -17,72 +16,37 @@ from structalign.ops.backend import cpp_available
 from structalign.ops.graph import LandmarkGraph, RelationSet
 from structalign.ops.reference import graph_message_passing_reference, relative_location_loss_reference
 
+from float64_formulas import WING, gmp_formula, rll_formula  # noqa: F401  (also used by test_cpp_cuda_emulation)
+
 needs_cpp = pytest.mark.skipif(not cpp_available("cpu", "graph_message_passing"),
                                reason="structalign._C (CPU) is not built")
 CRITERIA = {"soft_wing": 0, "l1": 1, "mse": 2}
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
-WING = (2.0, 20.0, 0.5)  # omega1, omega2, epsilon
 
 
 # ---- graph / relation tensors as the ops take them -------------------------------------------------------------------
 
-def graph_args(indptr, indices):
-    """(indptr, indices, in_ptr, in_edges, edge_row, max_deg, max_in_deg) of a CSR graph (int64 CPU tensors)."""
-    n = indptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n), indptr.diff())
-    in_edges = torch.argsort(indices, stable=True)
-    in_count = torch.bincount(indices, minlength=n)
-    in_ptr = torch.cat([in_count.new_zeros(1), in_count.cumsum(0)])
-    return indptr, indices, in_ptr, in_edges, rows, int(indptr.diff().max()), int(in_count.max())
-
-
 def scheme_graph(n):
+    """(indptr, indices, in_ptr, in_edges, edge_row, max_deg, max_in_deg) of a scheme's graph, as the ops take them."""
     g = LandmarkGraph.from_edges(n, scheme_for(n).edges)
-    return graph_args(g.indptr, g.indices)
+    return (*g.tensors(), *g.transposed(), g.max_deg, g.max_in_deg)
 
 
-def relation_args(anchor, indptr, member, weight, n, dtype):
-    """(anchor, indptr, member, weight, point_ptr, point_rel, point_coef) with weights in `dtype`; the transposed
-    index lists each landmark's uses sorted by relation (the anchor's first, then members in member order)."""
-    r = anchor.numel()
-    weight = torch.as_tensor(weight, dtype=dtype)
-    owner = torch.repeat_interleave(torch.arange(r), indptr.diff())
-    point = torch.cat([anchor, member])
-    rel = torch.cat([torch.arange(r), owner])
-    coef = torch.cat([-torch.ones(r, dtype=dtype), weight])
-    order = torch.argsort(point * (r + 1) + rel, stable=True)
-    count = torch.bincount(point, minlength=n)
-    point_ptr = torch.cat([count.new_zeros(1), count.cumsum(0)])
-    return anchor, indptr, member, weight, point_ptr, rel[order], coef[order]
+def relation_args(relations, dtype):
+    """(anchor, indptr, member, weight, point_ptr, point_rel, point_coef) with the weights in `dtype`."""
+    return (*relations.tensors(dtype=dtype), *relations.by_point(dtype=dtype))
 
 
 def laplacian_args(n, dtype):
-    """The paper's relations for N landmarks, with the member weights 1/k computed in `dtype`."""
-    neighbors = scheme_for(n).relation_neighbors
-    rs = RelationSet.laplacian(neighbors)
-    k = rs.indptr.diff().to(torch.float64)
-    weight = (1.0 / torch.repeat_interleave(k, rs.indptr.diff())).to(dtype)
-    return relation_args(rs.anchor, rs.indptr, rs.member, weight, n, dtype)
+    """The paper's relations for N landmarks, with the member weights 1/k (float64) rounded to `dtype`."""
+    return relation_args(RelationSet.laplacian(scheme_for(n).relation_neighbors), dtype)
 
 
 def pairs_args(n, dtype):
-    rs = RelationSet.pairs(n)
-    return relation_args(rs.anchor, rs.indptr, rs.member, torch.ones(rs.num_members), n, dtype)
+    return relation_args(RelationSet.pairs(n), dtype)
 
 
 # ---- float64 formulas ------------------------------------------------------------------------------------------------
-
-def gmp_formula(h_self, h_nbr, logits, indptr, indices, bias=None):
-    """out_i = sum_j A_ij (h_self_i if j == i else h_nbr_j) + bias, A = softmax over row i, densely in float64."""
-    n = indptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n), indptr.diff())
-    dense = torch.full((*logits.shape[:-1], n, n), -math.inf, dtype=torch.float64)
-    dense[..., rows, indices] = logits.double()
-    attn = torch.softmax(dense, dim=-1)
-    eye = torch.eye(n, dtype=torch.float64)
-    out = (attn * eye) @ h_self.double() + (attn * (1 - eye)) @ h_nbr.double()
-    return out if bias is None else out + bias.double()
-
 
 def gmp_formula_grads(h_self, h_nbr, logits, indptr, indices, bias, grad_out):
     """(out, grad h_self, grad h_nbr, grad logits, grad bias) of the formula, all float64."""
@@ -91,33 +55,6 @@ def gmp_formula_grads(h_self, h_nbr, logits, indptr, indices, bias, grad_out):
     out = gmp_formula(*leaves, indptr, indices, b)
     grads = torch.autograd.grad(out, leaves + ([b] if b is not None else []), grad_out.double())
     return (out.detach(), *grads) + ((None,) if b is None else ())
-
-
-def rll_formula(pred, target, anchor, indptr, member, weight, landmark_weight, criterion, reduction):
-    """criterion(L (pred - target)) with the dense relation matrix L (R x N), reduced, in float64."""
-    r, n = anchor.numel(), pred.shape[1]
-    owner = torch.repeat_interleave(torch.arange(r), indptr.diff())
-    lap = torch.zeros(r, n, dtype=torch.float64)
-    lap.index_put_((owner, member), weight.double(), accumulate=True)
-    lap[torch.arange(r), anchor] -= 1.0
-    d = torch.einsum("rn,bnc->brc", lap, pred.double() - target.double())
-    x = d.abs()
-    omega1, omega2, epsilon = WING
-    elem = {"l1": lambda: x, "mse": lambda: d * d,
-            "soft_wing": lambda: torch.where(x < omega1, x, omega2 * torch.log1p(x / epsilon)
-                                             + omega1 - omega2 * math.log1p(omega1 / epsilon))}[criterion]()
-    rw = None
-    if landmark_weight is not None:
-        lw = landmark_weight.double()
-        prod = torch.ones(lw.shape[0], r, dtype=torch.float64).scatter_reduce(
-            1, owner.expand(lw.shape[0], -1), lw[:, member], "prod", include_self=True)
-        rw = lw[:, anchor] * prod
-        elem = elem * rw.unsqueeze(-1)
-    if reduction == "none":
-        return elem
-    if reduction == "sum" or elem.numel() == 0:
-        return elem.sum()
-    return elem.mean() if rw is None else elem.sum() / (2 * rw.sum()).clamp_min(1e-12)
 
 
 def assert_close64(actual, expected, rel=1e-10, what=""):

@@ -20,6 +20,8 @@ from structalign.ops import LandmarkGraph, graph_message_passing, use_backend
 from structalign.ops.backend import cpp_available, triton_available
 from structalign.ops.reference import graph_message_passing_dense, graph_message_passing_reference
 
+from float64_formulas import gmp_formula  # noqa: E402
+
 HAS_CPP = cpp_available("cpu", "graph_message_passing")
 HAS_TRITON = triton_available("cpu")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="structalign._C (CPU) is not built")
@@ -260,23 +262,6 @@ def test_random_graphs_triton(graph, b, c, per_face, with_bias, scale):
 
 # ---- float64 is float64 on every backend --------------------------------------------------------------------------
 
-def float64_oracle(graph, h_self, h_nbr, logits, bias):
-    """The formula of method.md §1.3-1.4 row by row in float64, independent of the ops' code:
-    out_i = sum_{e in row i} softmax(logits_row)_e * (h_self_i if e is the self loop else h_nbr_j) + bias."""
-    b = h_self.shape[0]
-    rows = []
-    for i in range(graph.num_nodes):
-        lo, hi = int(graph.indptr[i]), int(graph.indptr[i + 1])
-        nbrs = graph.indices[lo:hi].tolist()
-        lg = (logits[:, lo:hi] if logits.dim() == 2 else logits[lo:hi].expand(b, -1)).double()
-        weights = torch.exp(lg - lg.max(1, keepdim=True).values)
-        weights = weights / weights.sum(1, keepdim=True)
-        values = torch.stack([(h_self if j == i else h_nbr)[:, j].double() for j in nbrs], 1)  # [B, deg, C]
-        rows.append((weights.unsqueeze(-1) * values).sum(1))
-    out = torch.stack(rows, 1)
-    return out if bias is None else out + bias.double()
-
-
 @pytest.mark.parametrize("logits_dtype", [torch.float64, torch.float32], ids=["logits64", "logits32"])
 @pytest.mark.parametrize("per_face", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,7 +275,7 @@ def test_float64_matches_a_float64_oracle(backend, per_face, logits_dtype):
     grad_out = torch.randn(2, 68, 19, dtype=torch.float64)
     out, grads = run(backend, graph, h_self, h_nbr, logits, bias, grad_out)
     inputs = (h_self, h_nbr, logits, bias)
-    oracle = float64_oracle(graph, *inputs)
+    oracle = gmp_formula(h_self, h_nbr, logits, graph.indptr, graph.indices, bias)
     oracle_grads = torch.autograd.grad(oracle, inputs, grad_out)
     assert out.dtype == torch.float64 and grads[2].dtype == logits_dtype
     torch.testing.assert_close(out, oracle, atol=1e-12, rtol=1e-10)
