@@ -24,7 +24,7 @@ from structalign.engine.config import load_config  # noqa: E402
 from structalign.engine.distributed import DistEnv  # noqa: E402
 from structalign.engine.evaluate import evaluate  # noqa: E402
 from structalign.engine.train import train  # noqa: E402
-from structalign.export import model_from_checkpoint  # noqa: E402
+from structalign.engine.checkpoint import model_from_checkpoint  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 VARIANTS = {

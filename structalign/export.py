@@ -6,27 +6,8 @@ graph takes images (float32[batch, 3, S, S], normalised as the data pipeline doe
 """
 import torch
 
-from structalign.engine.checkpoint import load_checkpoint
-from structalign.models import build_model
+from structalign.engine.checkpoint import model_from_checkpoint
 from structalign.ops import use_backend
-
-
-def model_from_checkpoint(path: str, weights: str = "ema", op_backend: str | None = None,
-                          device="cpu") -> tuple[torch.nn.Module, dict]:
-    """The model of a checkpoint in eval mode, with its EMA weights where it has them (weights="ema") or the raw
-    ones (weights="model"); returns (model, checkpoint)."""
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    state = load_checkpoint(path, map_location=device)
-    args = dict(state["model_args"])
-    if op_backend is not None:
-        args["op_backend"] = op_backend
-    model = build_model(**args)
-    if weights == "ema" and state.get("ema") is not None:
-        model.load_state_dict(state["ema"]["module"])
-    else:
-        model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
 
 
 def export_onnx(checkpoint: str, path: str, weights: str = "ema", opset: int = 18) -> str:

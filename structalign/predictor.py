@@ -16,7 +16,7 @@ from structalign.data.records import FaceDataset, FaceRecord
 from structalign.engine.distributed import DistEnv
 from structalign.engine.evaluate import predict_split
 from structalign.engine.train import autocast_for
-from structalign.export import model_from_checkpoint
+from structalign.engine.checkpoint import model_from_checkpoint
 
 
 class Predictor:

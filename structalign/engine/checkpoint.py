@@ -12,6 +12,8 @@ import tempfile
 import numpy as np
 import torch
 
+from structalign.models import build_model
+
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Write state to path so that a crash leaves either the old file or the new one, never a torn one."""
@@ -43,6 +45,24 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if missing:
         raise ValueError(f"checkpoint {path!r} is not a structalign checkpoint: missing {missing}")
     return state
+
+
+def model_from_checkpoint(path: str, weights: str = "ema", op_backend: str | None = None,
+                          device="cpu") -> tuple[torch.nn.Module, dict]:
+    """The model of a checkpoint in eval mode, with its EMA weights where it has them (weights="ema") or the raw
+    ones (weights="model"); returns (model, checkpoint)."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    state = load_checkpoint(path, map_location=device)
+    args = dict(state["model_args"])
+    if op_backend is not None:
+        args["op_backend"] = op_backend
+    model = build_model(**args)
+    if weights == "ema" and state.get("ema") is not None:
+        model.load_state_dict(state["ema"]["module"])
+    else:
+        model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
 
 
 def rng_state() -> dict:

@@ -15,7 +15,7 @@ from structalign.data import make_loader, open_dataset
 from structalign.engine.distributed import setup_distributed, teardown_distributed
 from structalign.engine.evaluate import EvalResult, evaluate
 from structalign.engine.train import autocast_for
-from structalign.export import model_from_checkpoint
+from structalign.engine.checkpoint import model_from_checkpoint
 
 
 def draw_overlay(image_path: str, points: np.ndarray, out_path: str, reference: np.ndarray | None = None,

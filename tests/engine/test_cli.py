@@ -14,7 +14,7 @@ from structalign.cli import main
 from structalign.data import make_loader, open_dataset
 from structalign.engine.distributed import DistEnv
 from structalign.engine.evaluate import evaluate
-from structalign.export import model_from_checkpoint
+from structalign.engine.checkpoint import model_from_checkpoint
 
 from engine_helpers import tiny_raw_config
 
