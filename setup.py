@@ -119,7 +119,7 @@ setup(
     description="Structure-coherent face alignment (L-GRN) with fused graph and relative-location ops",
     packages=find_packages(include=["structalign", "structalign.*"]) + ["structalign_kernels"],
     package_dir={"structalign_kernels": "kernels"},
-    package_data={"structalign": ["configs/*.yaml"]},
+    package_data={"structalign": ["configs/*.yaml", "schemes/*.yaml"]},
     ext_modules=[] if os.environ.get("STRUCTALIGN_NO_EXT") == "1" else [_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["structalign = structalign.cli:main"]},

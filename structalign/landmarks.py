@@ -1,80 +1,55 @@
-"""Landmark schemes: point count, left/right flip table, normalising points and relation graphs.
+"""Landmark schemes: point count, names, left/right flip table, normalising points and relation graphs.
 
-One `LandmarkScheme` per annotation convention (WFLW 98, 300W 68, COFW 29), from ../shared/reference/method.md
-§1.2 (graphs), §4.2 (flip tables) and §5 (normalising points). The data layer uses the flip tables, the metrics the
-normalising points, the model and losses the graphs.
+A scheme is a YAML file (the shipped ones: structalign/schemes/{wflw98,300w68,cofw29}.yaml, from
+../shared/reference/method.md §1.2 graphs, §4.2 flip tables, §5 normalising points):
+
+    name: my21                     # the scheme's name
+    num_points: 21
+    names: [chin, ...]             # optional, one per point
+    flip_pairs: [[0, 4], ...]      # mirrored pairs; unlisted points map to themselves ([] when there are none)
+    normalization:                 # each: two point groups, the distance between their centroids
+      inter_ocular: [[6], [9]]
+      inter_pupil: [[6, 7], [8, 9]]   # optional, defaults to inter_ocular
+    graph:                         # the message-passing graph (symmetrised, self loops added), one of
+      edges: [[0, 1], ...]         #   explicit undirected edges
+      from: relations              #   each i -> j of the relations below
+      knn: 3                       #   each point's k nearest points on the training mean shape (the paper's way)
+    relations:                     # the relative-location loss relations (per point, its related points), one of
+      neighbors: [[1, 2], ...]     #   explicit lists
+      from: graph                  #   the graph's edges read i -> j (as the official LaplacianLoss does)
+      knn: 3                       #   as above
+
+`load_scheme(path, mean_shape)` reads and validates one; `LandmarkScheme.to_dict()` is its concrete content (every
+derivation resolved), which a checkpoint carries so that it needs no file; `resolve_scheme` accepts a scheme, a
+shipped name, a point count, a file path or such a dict.
 """
-from dataclasses import dataclass, field
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+import yaml
 
-# WFLW 98-point top-3 related landmarks, verbatim from the official 98pts_top3.txt (descending similarity).
-WFLW_TOP3 = (
-    (1, 2, 3), (0, 2, 3), (1, 3, 0), (2, 4, 1), (3, 5, 2), (4, 6, 3), (7, 5, 8), (6, 8, 5),
-    (7, 9, 6), (8, 10, 7), (9, 11, 8), (10, 12, 9), (11, 10, 13), (12, 14, 11), (15, 13, 16), (16, 14, 17),
-    (15, 17, 14), (16, 18, 15), (17, 19, 16), (20, 18, 21), (21, 22, 19), (22, 20, 23), (23, 21, 24), (24, 22, 25),
-    (25, 23, 26), (24, 26, 23), (25, 27, 24), (28, 26, 29), (29, 27, 30), (30, 28, 31), (31, 29, 32), (32, 30, 29),
-    (31, 30, 29), (41, 34, 40), (41, 35, 40), (40, 36, 39), (39, 37, 35), (38, 36, 39), (37, 39, 36), (36, 38, 40),
-    (35, 39, 41), (34, 40, 35), (50, 43, 49), (49, 42, 44), (48, 43, 49), (47, 44, 48), (47, 45, 48), (45, 48, 44),
-    (44, 49, 43), (43, 50, 48), (42, 49, 43), (52, 53, 68), (53, 51, 54), (54, 52, 57), (53, 57, 56), (56, 57, 58),
-    (57, 55, 58), (56, 58, 54), (57, 59, 56), (58, 57, 56), (67, 61, 66), (62, 60, 67), (61, 63, 96), (62, 64, 65),
-    (65, 63, 66), (66, 64, 67), (65, 67, 96), (66, 60, 65), (75, 69, 74), (70, 68, 75), (71, 69, 97), (70, 72, 73),
-    (73, 71, 74), (74, 72, 71), (75, 73, 97), (74, 68, 73), (88, 87, 77), (89, 78, 90), (79, 90, 80), (78, 80, 90),
-    (79, 90, 78), (91, 80, 90), (92, 83, 81), (93, 84, 92), (85, 93, 94), (94, 84, 86), (85, 95, 94), (95, 86, 88),
-    (76, 87, 77), (77, 90, 78), (79, 80, 78), (81, 90, 80), (82, 83, 81), (84, 94, 83), (85, 86, 84), (86, 94, 87),
-    (62, 61, 63), (70, 71, 69),
-)
+from structalign.errors import StructalignError
 
-# 300W 68-point hand-designed graph (official 68pts.txt, undirected).
-IBUG68_EDGES = (
-    (0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (5, 48), (6, 7), (6, 59), (7, 8),
-    (7, 58), (8, 9), (8, 57), (9, 10), (9, 56), (10, 11), (10, 55), (11, 12), (11, 54), (12, 13),
-    (13, 14), (14, 15), (15, 16), (48, 49), (48, 60), (48, 59), (59, 58), (58, 57), (58, 67), (57, 56),
-    (57, 66), (56, 55), (56, 65), (55, 64), (55, 54), (60, 67), (67, 66), (66, 65), (65, 64), (64, 54),
-    (60, 61), (60, 49), (61, 50), (61, 62), (62, 51), (62, 63), (63, 52), (63, 64), (64, 53), (49, 50),
-    (50, 51), (51, 52), (52, 53), (53, 54), (49, 31), (50, 32), (51, 33), (52, 34), (53, 35), (31, 32),
-    (32, 33), (35, 34), (34, 33), (27, 28), (28, 29), (29, 30), (30, 33), (22, 27), (21, 27), (16, 26),
-    (26, 25), (25, 24), (24, 23), (23, 22), (25, 45), (24, 44), (23, 43), (22, 42), (45, 44), (44, 43),
-    (43, 42), (45, 46), (46, 47), (47, 42), (0, 17), (17, 18), (18, 19), (19, 20), (20, 21), (18, 36),
-    (19, 37), (20, 38), (21, 39), (36, 37), (37, 38), (38, 39), (39, 40), (40, 41), (41, 36),
-)
+SCHEME_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemes")
+_KEYS = ("name", "num_points", "names", "flip", "flip_pairs", "normalization", "graph", "relations")
 
-# COFW 29-point hand-designed graph (official 29pts.txt, undirected).
-COFW29_EDGES = (
-    (0, 4), (4, 2), (2, 5), (5, 0), (4, 5), (8, 12), (12, 10), (10, 13), (13, 8), (16, 8),
-    (16, 12), (16, 10), (16, 13), (0, 8), (5, 12), (2, 10), (3, 6), (6, 1), (1, 7), (7, 3),
-    (7, 6), (3, 11), (7, 14), (1, 9), (11, 14), (14, 9), (9, 15), (15, 11), (17, 11), (17, 14),
-    (17, 9), (17, 15), (2, 3), (10, 11), (10, 20), (11, 20), (20, 21), (21, 18), (21, 19), (18, 20),
-    (19, 20), (21, 24), (22, 24), (23, 24), (22, 25), (23, 25), (24, 25), (22, 26), (22, 27), (26, 23),
-    (27, 23), (27, 28),
-)
 
-WFLW_FLIP = (
-    32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
-    12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 46, 45, 44, 43, 42, 50, 49,
-    48, 47, 37, 36, 35, 34, 33, 41, 40, 39, 38, 51, 52, 53, 54, 59, 58, 57, 56, 55,
-    72, 71, 70, 69, 68, 75, 74, 73, 64, 63, 62, 61, 60, 67, 66, 65, 82, 81, 80, 79,
-    78, 77, 76, 87, 86, 85, 84, 83, 92, 91, 90, 89, 88, 95, 94, 93, 97, 96,
-)
-IBUG68_FLIP = (
-    16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 26, 25, 24,
-    23, 22, 21, 20, 19, 18, 17, 27, 28, 29, 30, 35, 34, 33, 32, 31, 45, 44, 43, 42,
-    47, 46, 39, 38, 37, 36, 41, 40, 54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55,
-    64, 63, 62, 61, 60, 67, 66, 65,
-)
-COFW29_FLIP = (
-    1, 0, 3, 2, 6, 7, 4, 5, 9, 8, 11, 10, 14, 15, 12, 13, 17, 16, 19, 18,
-    20, 21, 23, 22, 24, 25, 26, 27, 28,
-)
+class SchemeError(StructalignError, ValueError):
+    """A scheme file or value that is wrong; the message names the file and key."""
 
 
 @dataclass(frozen=True)
 class LandmarkScheme:
     """A landmark annotation convention.
 
-    flip[i]: the index point i takes after a horizontal mirror; ocular (i, j): outer eye corners, the inter-ocular
-    NME normaliser; pupils: two index groups whose centroids give the inter-pupil distance; edges: the undirected
-    message-passing graph; relation_neighbors: per-point related points of the relative-location loss (directed).
+    flip[i]: the index point i takes after a horizontal mirror; ocular, pupils: two point groups each, the
+    inter-ocular and inter-pupil NME normalisers (distance between the groups' centroids); edges: the undirected
+    message-passing graph; relation_neighbors: per-point related points of the relative-location loss (directed);
+    names: one per point, or None.
     """
 
     name: str
@@ -83,41 +58,259 @@ class LandmarkScheme:
     ocular: tuple
     pupils: tuple
     edges: tuple
-    relation_neighbors: tuple = field(repr=False)
+    relation_neighbors: tuple
+    names: Optional[tuple] = None
 
     def flip_array(self) -> np.ndarray:
         return np.asarray(self.flip, dtype=np.int64)
 
+    def to_dict(self) -> dict:
+        """The scheme as scheme-file content with every derivation resolved (plain lists: YAML- and
+        checkpoint-safe); scheme_from_dict(s.to_dict()) == s."""
+        spec = {"name": self.name, "num_points": self.num_points}
+        if self.names is not None:
+            spec["names"] = list(self.names)
+        spec["flip_pairs"] = [[i, j] for i, j in enumerate(self.flip) if i < j]
+        spec["normalization"] = {"inter_ocular": [list(g) for g in self.ocular],
+                                 "inter_pupil": [list(g) for g in self.pupils]}
+        spec["graph"] = {"edges": [list(e) for e in self.edges]}
+        spec["relations"] = {"neighbors": [list(n) for n in self.relation_neighbors]}
+        return spec
 
-def _out_neighbors(num_points: int, edges) -> tuple:
-    """Directed out-neighbour lists of a hand-made graph, as the official LaplacianLoss reads it (i -> j)."""
-    lists = [[] for _ in range(num_points)]
-    for i, j in edges:
-        lists[i].append(j)
-    return tuple(tuple(x) for x in lists)
+
+def _index(value, n: int, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise SchemeError(f"{where} = {value!r}: expected a point index")
+    if not 0 <= value < n:
+        raise SchemeError(f"{where} = {value}: index out of range [0, {n})")
+    return int(value)
 
 
-WFLW98 = LandmarkScheme(
-    name="wflw98", num_points=98, flip=WFLW_FLIP, ocular=(60, 72), pupils=((96,), (97,)),
-    edges=tuple((i, j) for i, js in enumerate(WFLW_TOP3) for j in js), relation_neighbors=WFLW_TOP3,
-)
-IBUG68 = LandmarkScheme(
-    name="300w68", num_points=68, flip=IBUG68_FLIP, ocular=(36, 45),
-    pupils=(tuple(range(36, 42)), tuple(range(42, 48))), edges=IBUG68_EDGES,
-    relation_neighbors=_out_neighbors(68, IBUG68_EDGES),
-)
-COFW29 = LandmarkScheme(
-    name="cofw29", num_points=29, flip=COFW29_FLIP, ocular=(8, 9), pupils=((16,), (17,)), edges=COFW29_EDGES,
-    relation_neighbors=_out_neighbors(29, COFW29_EDGES),
-)
+def _index_list(value, n: int, where: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise SchemeError(f"{where} = {value!r}: expected a list of point indices")
+    return tuple(_index(v, n, f"{where}[{k}]") for k, v in enumerate(value))
 
-SCHEMES = {s.name: s for s in (WFLW98, IBUG68, COFW29)}
+
+def _groups(value, n: int, where: str) -> tuple:
+    """Two point groups (each an index or a non-empty list of indices)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise SchemeError(f"{where} = {value!r}: expected two point groups, e.g. [[60], [72]]")
+    groups = []
+    for k, g in enumerate(value):
+        group = _index_list(g if isinstance(g, (list, tuple)) else [g], n, f"{where}[{k}]")
+        if not group:
+            raise SchemeError(f"{where}[{k}] is empty")
+        groups.append(group)
+    if groups[0] == groups[1]:
+        raise SchemeError(f"{where}: both groups are {list(groups[0])}, so the distance is always zero")
+    return tuple(groups)
+
+
+def _flip(spec: dict, n: int, where: str) -> tuple:
+    if ("flip" in spec) == ("flip_pairs" in spec):
+        raise SchemeError(f"{where}: give exactly one of flip_pairs (mirrored pairs, [] for none) or flip (a table of "
+                          f"{n} indices); `structalign data scheme` proposes flip pairs from a dataset's mean shape")
+    if "flip" in spec:
+        flip = _index_list(spec["flip"], n, f"{where}: flip")
+        if len(flip) != n:
+            raise SchemeError(f"{where}: flip has {len(flip)} entries, expected {n}")
+        bad = next((i for i in range(n) if flip[flip[i]] != i), None)
+        if bad is not None:
+            raise SchemeError(f"{where}: flip is not an involution: point {bad} -> {flip[bad]} -> {flip[flip[bad]]}")
+        return flip
+    flip = list(range(n))
+    pairs = spec["flip_pairs"]
+    if not isinstance(pairs, (list, tuple)):
+        raise SchemeError(f"{where}: flip_pairs = {pairs!r}: expected a list of [i, j] pairs")
+    seen = {}
+    for k, pair in enumerate(pairs):
+        i, j = _pair(pair, n, f"{where}: flip_pairs[{k}]")
+        for p in (i, j):
+            if p in seen:
+                raise SchemeError(f"{where}: flip_pairs[{k}] and flip_pairs[{seen[p]}] both move point {p}: the flip "
+                                  f"would not be an involution")
+            seen[p] = k
+        flip[i], flip[j] = j, i
+    return tuple(flip)
+
+
+def _pair(value, n: int, where: str) -> tuple:
+    pair = _index_list(value, n, where)
+    if len(pair) != 2:
+        raise SchemeError(f"{where} = {list(pair)}: expected two indices")
+    if pair[0] == pair[1]:
+        raise SchemeError(f"{where} = {list(pair)}: a point paired with itself")
+    return pair
+
+
+def _derivation(section, allowed: tuple, where: str):
+    """(kind, value) of a graph/relations section: exactly one of its allowed keys."""
+    if not isinstance(section, dict) or len(section) != 1 or next(iter(section)) not in allowed:
+        raise SchemeError(f"{where} = {section!r}: expected exactly one of {', '.join(allowed)}")
+    return next(iter(section.items()))
+
+
+def knn_neighbors(mean_shape, k: int = 3) -> tuple:
+    """Each point's k nearest other points on mean_shape (array[N, 2]), nearest first; ties by lower index."""
+    shape = _check_mean_shape(mean_shape)
+    n = shape.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        raise SchemeError(f"k must be an int in [1, {n - 1}] for {n} points, got {k!r}")
+    dist = np.linalg.norm(shape[:, None] - shape[None], axis=-1)
+    np.fill_diagonal(dist, np.inf)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return tuple(tuple(int(j) for j in row) for row in order)
+
+
+def _check_mean_shape(mean_shape) -> np.ndarray:
+    shape = np.asarray(mean_shape, dtype=np.float64)
+    if shape.ndim != 2 or shape.shape[1] != 2 or shape.shape[0] < 2:
+        raise SchemeError(f"mean_shape must have shape [N, 2] with N >= 2, got {list(shape.shape)}")
+    if not np.isfinite(shape).all():
+        point = int(np.argwhere(~np.isfinite(shape))[0, 0])
+        raise SchemeError(f"mean_shape has NaN or infinite coordinates at point {point}")
+    return shape
+
+
+def _knn(k, n: int, mean_shape, where: str) -> tuple:
+    if mean_shape is None:
+        raise SchemeError(f"{where}: knn needs the training mean shape; the scheme is resolved when a dataset is "
+                          f"opened (training), and a checkpoint carries the resolved graph")
+    shape = _check_mean_shape(mean_shape)
+    if shape.shape[0] != n:
+        raise SchemeError(f"{where}: mean shape has {shape.shape[0]} points, the scheme {n}")
+    try:
+        return knn_neighbors(shape, k)
+    except SchemeError as exc:
+        raise SchemeError(f"{where}: {exc}") from None
+
+
+def scheme_from_dict(spec: dict, source: str = "scheme", mean_shape=None) -> LandmarkScheme:
+    """A validated LandmarkScheme from scheme-file content (see the module docstring); mean_shape (array[N, 2]) is
+    needed only by knn derivations. Errors name `source` and the key."""
+    if not isinstance(spec, dict):
+        raise SchemeError(f"{source}: expected a mapping of scheme keys, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(_KEYS))
+    if unknown:
+        raise SchemeError(f"{source}: unknown key(s) {unknown}; known: {list(_KEYS)}")
+    for key in ("name", "num_points", "normalization", "graph", "relations"):
+        if key not in spec:
+            raise SchemeError(f"{source}: missing key {key!r}")
+    name, n = spec["name"], spec["num_points"]
+    if not isinstance(name, str) or not name:
+        raise SchemeError(f"{source}: name = {name!r}: expected a non-empty string")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise SchemeError(f"{source}: num_points = {n!r}: expected an int >= 2")
+    names = spec.get("names")
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or len(names) != n or not all(isinstance(s, str) for s in names):
+            raise SchemeError(f"{source}: names must be a list of {n} strings")
+        if len(set(names)) != n:
+            raise SchemeError(f"{source}: names are not unique: {sorted({s for s in names if names.count(s) > 1})}")
+        names = tuple(names)
+    flip = _flip(spec, n, source)
+    norm = spec["normalization"]
+    if not isinstance(norm, dict) or "inter_ocular" not in norm or set(norm) - {"inter_ocular", "inter_pupil"}:
+        raise SchemeError(f"{source}: normalization needs inter_ocular (and optionally inter_pupil), got {norm!r}")
+    ocular = _groups(norm["inter_ocular"], n, f"{source}: normalization.inter_ocular")
+    pupils = _groups(norm.get("inter_pupil", norm["inter_ocular"]), n, f"{source}: normalization.inter_pupil")
+
+    graph_kind, graph_value = _derivation(spec["graph"], ("edges", "from", "knn"), f"{source}: graph")
+    rel_kind, rel_value = _derivation(spec["relations"], ("neighbors", "from", "knn"), f"{source}: relations")
+    if graph_kind == "from" and graph_value != "relations":
+        raise SchemeError(f"{source}: graph.from = {graph_value!r}: only 'relations' is possible")
+    if rel_kind == "from" and rel_value != "graph":
+        raise SchemeError(f"{source}: relations.from = {rel_value!r}: only 'graph' is possible")
+    if graph_kind == "from" and rel_kind == "from":
+        raise SchemeError(f"{source}: graph and relations are each derived from the other; give one explicitly")
+
+    edges = neighbors = None
+    if graph_kind == "edges":
+        if not isinstance(graph_value, (list, tuple)) or not graph_value:
+            raise SchemeError(f"{source}: graph.edges must be a non-empty list of [i, j] pairs")
+        edges = tuple(_pair(e, n, f"{source}: graph.edges[{k}]") for k, e in enumerate(graph_value))
+    elif graph_kind == "knn":
+        edges = tuple((i, j) for i, js in enumerate(_knn(graph_value, n, mean_shape, f"{source}: graph.knn"))
+                      for j in js)
+    if rel_kind == "neighbors":
+        if not isinstance(rel_value, (list, tuple)) or len(rel_value) != n:
+            raise SchemeError(f"{source}: relations.neighbors must hold one list per point ({n})")
+        neighbors = tuple(_index_list(v, n, f"{source}: relations.neighbors[{i}]") for i, v in enumerate(rel_value))
+        for i, row in enumerate(neighbors):
+            if i in row:
+                raise SchemeError(f"{source}: relations.neighbors[{i}] relates point {i} to itself")
+    elif rel_kind == "knn":
+        neighbors = _knn(rel_value, n, mean_shape, f"{source}: relations.knn")
+    if edges is None:
+        edges = tuple((i, j) for i, js in enumerate(neighbors) for j in js)
+    if neighbors is None:
+        lists = [[] for _ in range(n)]
+        for i, j in edges:
+            lists[i].append(j)
+        neighbors = tuple(tuple(x) for x in lists)
+    touched = {p for e in edges for p in e}
+    lonely = [p for p in range(n) if p not in touched]
+    if lonely:
+        raise SchemeError(f"{source}: graph node(s) {lonely} have no edge: every landmark needs a neighbour to pass "
+                          f"messages with")
+    return LandmarkScheme(name=name, num_points=n, flip=flip, ocular=ocular, pupils=pupils, edges=edges,
+                          relation_neighbors=neighbors, names=names)
+
+
+def load_scheme(path: str, mean_shape=None) -> LandmarkScheme:
+    """A scheme file (YAML) read and validated; mean_shape (array[N, 2]) resolves knn derivations."""
+    if not os.path.isfile(path):
+        raise SchemeError(f"scheme file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            spec = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SchemeError(f"scheme file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return scheme_from_dict(spec, source=path, mean_shape=mean_shape)
+
+
+def scheme_yaml(scheme: LandmarkScheme, header: str = "") -> str:
+    """Scheme-file text for scheme (every derivation written out), with optional comment lines on top."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(scheme.to_dict(), sort_keys=False, default_flow_style=None, width=118)
+
+
+def propose_flip(mean_shape) -> tuple:
+    """The flip table (tuple[N]) pairing each point of mean_shape (array[N, 2], image coordinates) with the point
+    nearest its horizontal mirror about the shape's centre: an optimal assignment (scipy), made an involution;
+    points whose match is not mutual map to themselves."""
+    from scipy.optimize import linear_sum_assignment
+
+    shape = _check_mean_shape(mean_shape)
+    mirrored = shape.copy()
+    mirrored[:, 0] = 2 * shape[:, 0].mean() - shape[:, 0]
+    cost = np.linalg.norm(shape[:, None] - mirrored[None], axis=-1)
+    _, match = linear_sum_assignment(cost)
+    return tuple(int(j) if match[j] == i else i for i, j in enumerate(match))
+
+
+SCHEMES = {name: load_scheme(os.path.join(SCHEME_DIR, f"{name}.yaml")) for name in ("wflw98", "300w68", "cofw29")}
+WFLW98, IBUG68, COFW29 = SCHEMES["wflw98"], SCHEMES["300w68"], SCHEMES["cofw29"]
 _BY_COUNT = {s.num_points: s for s in SCHEMES.values()}
 
 
 def scheme_for(key) -> LandmarkScheme:
-    """The scheme by name ("wflw98", "300w68", "cofw29") or by point count (98, 68, 29)."""
+    """A shipped scheme by name ("wflw98", "300w68", "cofw29") or by point count (98, 68, 29)."""
     found = SCHEMES.get(key) if isinstance(key, str) else _BY_COUNT.get(int(key))
     if found is None:
-        raise ValueError(f"no landmark scheme {key!r}; known: {sorted(SCHEMES)} or point counts {sorted(_BY_COUNT)}")
+        raise SchemeError(f"no landmark scheme {key!r}; known: {sorted(SCHEMES)} or point counts {sorted(_BY_COUNT)}, "
+                          f"or give a scheme file (.yaml)")
     return found
+
+
+def resolve_scheme(scheme, mean_shape=None) -> LandmarkScheme:
+    """A LandmarkScheme from itself, scheme-file content (dict), a scheme file path (.yaml/.yml), a shipped name or
+    a point count; mean_shape (array[N, 2]) resolves knn derivations of a file or dict."""
+    if isinstance(scheme, LandmarkScheme):
+        return scheme
+    if isinstance(scheme, dict):
+        return scheme_from_dict(scheme, mean_shape=mean_shape)
+    if isinstance(scheme, str) and (scheme.endswith((".yaml", ".yml")) or os.sep in scheme):
+        return load_scheme(scheme, mean_shape=mean_shape)
+    return scheme_for(scheme)

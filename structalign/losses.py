@@ -22,7 +22,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from structalign.models.landmark_graphs import laplacian_relations, resolve_scheme
+from structalign.landmarks import resolve_scheme
+from structalign.models.landmark_graphs import laplacian_relations
 from structalign.models.lgrn import check_op_backend
 from structalign.ops import relative_location_loss
 from structalign.ops.reference import CRITERIA as FUSED_CRITERIA

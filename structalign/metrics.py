@@ -1,8 +1,8 @@
 """Face-alignment metrics (method.md §5): NME, FR, AUC, CED curves, WFLW subset tables and a CED plot.
 
 Per-image error e_n = (1/N) sum_k ||pred_nk - target_nk|| / d_n, with d_n the inter-ocular distance (outer eye
-corners: WFLW 60/72, 300W 36/45, COFW 8/9) or the inter-pupil distance (distance between the two pupil-group
-centroids of the scheme). Errors are fractions; `summarize` reports NME and FR in % and AUC in [0, 1].
+corners: WFLW 60/72, 300W 36/45, COFW 8/9), the inter-pupil distance (between the two pupil-group centroids of the
+scheme) or the box size sqrt(w h) of the target landmarks. Errors are fractions; `summarize` reports NME and FR in % and AUC in [0, 1].
 """
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import os
 
 import numpy as np
 
-from structalign.landmarks import LandmarkScheme
-from structalign.models.landmark_graphs import resolve_scheme
+from structalign.landmarks import LandmarkScheme, resolve_scheme
 
-NORMS = ("inter_ocular", "inter_pupil")
+NORMS = ("inter_ocular", "inter_pupil", "box")
 WFLW_SUBSETS = ("pose", "expression", "illumination", "make-up", "occlusion", "blur")
 
 
@@ -35,15 +34,15 @@ def _as_points(name: str, value, num_points: int) -> np.ndarray:
 
 
 def normalizer(target: np.ndarray, scheme: LandmarkScheme, norm: str = "inter_ocular") -> np.ndarray:
-    """d_n per image (array[B]) from target (array[B, N, 2])."""
-    if norm == "inter_ocular":
-        i, j = scheme.ocular
-        a, b = target[:, i], target[:, j]
-    elif norm == "inter_pupil":
-        left, right = scheme.pupils
-        a, b = target[:, list(left)].mean(axis=1), target[:, list(right)].mean(axis=1)
-    else:
+    """d_n per image (array[B]) from target (array[B, N, 2]): the distance between the centroids of the scheme's two
+    inter-ocular or inter-pupil point groups, or (box) sqrt(width * height) of the target landmarks' bounding box."""
+    if norm == "box":
+        extent = target.max(axis=1) - target.min(axis=1)
+        return np.sqrt(extent[:, 0] * extent[:, 1])
+    if norm not in ("inter_ocular", "inter_pupil"):
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    left, right = scheme.ocular if norm == "inter_ocular" else scheme.pupils
+    a, b = target[:, list(left)].mean(axis=1), target[:, list(right)].mean(axis=1)
     return np.linalg.norm(a - b, axis=-1)
 
 

@@ -5,8 +5,7 @@
 """
 from structalign.models.build import build_model
 from structalign.models.fc import FCHead
-from structalign.models.landmark_graphs import (knn_neighbors, laplacian_relations, message_graph, resolve_scheme,
-                                                scheme_from_mean_shape)
+from structalign.models.landmark_graphs import laplacian_relations, message_graph
 from structalign.models.lgrn import GraphConv, LGRNHead, RelationLearner
 from structalign.models.map_to_node import MapToNode, MultiScaleMapToNode
 from structalign.models.regressor import LandmarkRegressor, standardize
@@ -23,11 +22,8 @@ __all__ = [
     "ResNet",
     "build_model",
     "from_torchvision_keys",
-    "knn_neighbors",
     "laplacian_relations",
     "load_backbone_weights",
     "message_graph",
-    "resolve_scheme",
-    "scheme_from_mean_shape",
     "standardize",
 ]

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from structalign.landmarks import resolve_scheme
 from structalign.models.fc import FCHead
-from structalign.models.landmark_graphs import message_graph, resolve_scheme
+from structalign.models.landmark_graphs import message_graph
 from structalign.models.lgrn import LGRNHead, check_op_backend
 from structalign.models.map_to_node import MapToNode, MultiScaleMapToNode
 from structalign.models.regressor import LandmarkRegressor

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from structalign.landmarks import COFW29, IBUG68, WFLW98
-from structalign.models import (GraphConv, LGRNHead, build_model, knn_neighbors, message_graph,
-                                scheme_from_mean_shape)
+from structalign.models import GraphConv, LGRNHead, build_model, message_graph
 from structalign.ops.graph import LandmarkGraph
 
 TINY = dict(backbone="resnet18", image_size=64, head_width=16, num_blocks=1, backbone_width=8, op_backend="reference")
@@ -105,20 +104,6 @@ def test_input_normalisation_makes_the_model_invariant_to_intensity_scale():
     model = build_model(**TINY).eval()
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(model(x * 255.0), model(x), rtol=1e-4, atol=1e-3)
-
-
-def test_custom_scheme_from_a_mean_shape():
-    square = [(0, 0), (1, 0), (1, 1), (0, 1), (0.5, 0.5), (0.5, 2.0)]
-    assert knn_neighbors(square, 1) == ((4,), (4,), (4,), (4,), (0,), (2,))
-    scheme = scheme_from_mean_shape("kite6", square, flip=(1, 0, 3, 2, 4, 5), ocular=(0, 1), k=2)
-    model = build_model(scheme=scheme, **TINY)
-    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 6, 2)
-    with pytest.raises(ValueError, match="own inverse"):
-        scheme_from_mean_shape("bad", square, flip=(1, 2, 0, 3, 4, 5), ocular=(0, 1))
-    with pytest.raises(ValueError, match="k must be"):
-        knn_neighbors(square, 6)
-    with pytest.raises(ValueError, match="NaN"):
-        knn_neighbors([(0, 0), (np.nan, 1)], 1)
 
 
 @pytest.mark.parametrize("kw, match", [
