@@ -1,7 +1,7 @@
 """The `structalign` command.
 
     structalign train CONFIG [section.key=value ...] [--resume CKPT]    (also under torchrun --nproc_per_node=N)
-    structalign eval CKPT --data ROOT [--format wflw] [--split test] [--out DIR]
+    structalign eval CKPT --data ROOT [--format wflw] [--split test] [--norm inter_ocular] [--out DIR]
     structalign predict CKPT IMAGE... [--boxes FILE] [--out DIR]
     structalign export CKPT model.onnx
     structalign demo [--data data/synth-demo] [--out runs/demo]
@@ -33,9 +33,9 @@ def _eval(args) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, args.data, fmt=args.format, split=args.split, out_dir=args.out,
                                  weights=args.weights, batch_size=args.batch_size, loader=args.loader,
-                                 device=args.device)
+                                 device=args.device, norm=args.norm)
     s = report["summary"]
-    print(f"{args.split}: {s['images']} images  NME {s['nme']:.3f}%  FR@0.1 {s['fr']:.2f}%  AUC@0.1 {s['auc']:.4f}")
+    print(f"{args.split}: {s['images']} images  NME ({args.norm}) {s['nme']:.3f}%  FR@0.1 {s['fr']:.2f}%  AUC@0.1 {s['auc']:.4f}")
     for name, row in (report.get("subsets") or {}).items():
         print(f"  {name:<14} " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, (int, float))))
     if args.out:
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", default="reference", choices=("reference", "dali"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA weights where saved (default)")
+    p.add_argument("--norm", default="inter_ocular", choices=("inter_ocular", "inter_pupil", "box"),
+                   help="NME normaliser (default inter_ocular; COFW is usually reported inter_pupil)")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("predict", help="landmarks (JSON) and overlays (PNG) for images")

@@ -39,13 +39,20 @@ def draw_overlay(image_path: str, points: np.ndarray, out_path: str, reference: 
     return out_path
 
 
-def write_report(result: EvalResult, dataset, out_dir: str, title: str, overlays: int = 8) -> dict:
-    """Write metrics.json, report.md, per_image.csv, ced.png and a few overlays (worst, median and best images)."""
+NORM_TEXT = {"inter_ocular": "the inter-ocular distance (outer eye corners)",
+             "inter_pupil": "the inter-pupil distance (eye centres)",
+             "box": "the landmark box size sqrt(width * height)"}
+
+
+def write_report(result: EvalResult, dataset, out_dir: str, title: str, overlays: int = 8,
+                 norm: str = "inter_ocular") -> dict:
+    """Write metrics.json, report.md, per_image.csv, ced.png and a few overlays (worst, median and best images);
+    errors are normalised by `norm`."""
     os.makedirs(out_dir, exist_ok=True)
     summary = result.summary()
     subsets = metrics.subset_table(result.errors, result.attributes) if result.attributes is not None else None
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump({"title": title, "summary": summary, "subsets": _plain(subsets)}, f, indent=1)
+        json.dump({"title": title, "norm": norm, "summary": summary, "subsets": _plain(subsets)}, f, indent=1)
     with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "image", "nme"])
@@ -65,7 +72,7 @@ def write_report(result: EvalResult, dataset, out_dir: str, title: str, overlays
              "|---|---|---|---|---|",
              f"| {summary['images']} | {summary['nme']:.3f} | {summary['fr']:.2f} | {summary['auc']:.4f} | "
              f"{_num(summary['nme_occluded'])} |", "",
-             "NME normalised by the inter-ocular distance (outer eye corners); FR and AUC at 0.1.", ""]
+             f"NME normalised by {NORM_TEXT[norm]}; FR and AUC at 0.1.", ""]
     if subsets:
         keys = list(next(iter(subsets.values())).keys())
         lines += ["| subset | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -80,8 +87,11 @@ def write_report(result: EvalResult, dataset, out_dir: str, title: str, overlays
 
 def evaluate_checkpoint(checkpoint: str, root: str, fmt: str = "wflw", split: str = "test",
                         out_dir: str | None = None, weights: str = "ema", batch_size: int = 64,
-                        loader: str = "reference", device: str = "auto") -> dict:
-    """Evaluate a checkpoint on a split (all ranks under torchrun); rank 0 writes the report when out_dir is given."""
+                        loader: str = "reference", device: str = "auto", norm: str = "inter_ocular") -> dict:
+    """Evaluate a checkpoint on a split (all ranks under torchrun); rank 0 writes the report when out_dir is given.
+    norm: the NME normaliser, "inter_ocular", "inter_pupil" (as COFW is usually reported) or "box"."""
+    if norm not in NORM_TEXT:
+        raise ValueError(f"--norm must be one of {sorted(NORM_TEXT)}, got {norm!r}")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--data: {root!r} is not a directory")
     env = setup_distributed(device)
@@ -95,10 +105,10 @@ def evaluate_checkpoint(checkpoint: str, root: str, fmt: str = "wflw", split: st
                            image_size=state["model_args"]["image_size"], backend=loader, shard_id=env.rank,
                            num_shards=env.world_size, drop_last=False)
         precision = state["config"]["train"]["precision"]
-        result = evaluate(model, data, dataset, env, autocast_for(precision, env.device))
+        result = evaluate(model, data, dataset, env, autocast_for(precision, env.device), norm=norm)
         title = f"{os.path.basename(os.path.normpath(root))} {split}"
         if out_dir is not None and env.is_main:
-            return write_report(result, dataset, out_dir, title)
+            return write_report(result, dataset, out_dir, title, norm=norm)
         return {"summary": result.summary()}
     finally:
         teardown_distributed(env)
