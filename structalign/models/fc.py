@@ -8,6 +8,8 @@ from structalign.models.lgrn import upcast
 class FCHead(nn.Module):
     """forward(out4 (Tensor[B, C, g, g])) -> Tensor[B, N, 2] landmark offsets."""
 
+    POINT_INDEXED = ("output",)
+
     def __init__(self, in_features: int, num_points: int, width: int = 256):
         super().__init__()
         self.num_points = num_points

@@ -25,6 +25,8 @@ class MapToNode(nn.Module):
     forward(features {"out4": Tensor[B, C, g, g]}) -> Tensor[B, N, channels_per_point * g * g].
     """
 
+    POINT_INDEXED = ("to_points",)  # submodules whose outputs are indexed by landmark (see point_indexed_keys)
+
     def __init__(self, in_channels: int, num_points: int, channels_per_point: int = 4, mid_channels: int = 256):
         super().__init__()
         self.num_points = num_points
@@ -67,6 +69,8 @@ class MultiScaleMapToNode(nn.Module):
     spatial attention, two strided 3x3 convs to stride 32, 1x1 conv to mid_channels and 3x3 conv to N * 4 channels.
     forward(features {"out2", "out3", "out4"}) -> Tensor[B, N, channels_per_point * g * g].
     """
+
+    POINT_INDEXED = ("to_points",)
 
     def __init__(self, in_channels: tuple, num_points: int, channels_per_point: int = 4, mid_channels: int = 256):
         super().__init__()

@@ -78,6 +78,13 @@ class LandmarkRegressor(nn.Module):
         nodes, pooled = self.head_input(self.features(images))
         return self.head.adjacency(pooled, batch=nodes.shape[0])
 
+    def point_indexed_keys(self) -> list[str]:
+        """State-dict keys whose entries are indexed by landmark or graph edge (the shape prior, and what the neck
+        and head modules name in their POINT_INDEXED): meaningless under another landmark scheme."""
+        prefixes = ["shape_prior"] + [f"{name}.{sub}" for name, module in self.named_modules()
+                                      for sub in getattr(module, "POINT_INDEXED", ())]
+        return [k for k in self.state_dict() if any(k == p or k.startswith(p + ".") for p in prefixes)]
+
     def extra_repr(self) -> str:
         return f"scheme={self.scheme.name}, image_size={self.image_size}, normalize_input={self.normalize_input}"
 
