@@ -278,8 +278,9 @@ def scheme_yaml(scheme: LandmarkScheme, header: str = "") -> str:
 
 def propose_flip(mean_shape) -> tuple:
     """The flip table (tuple[N]) pairing each point of mean_shape (array[N, 2], image coordinates) with the point
-    nearest its horizontal mirror about the shape's centre: an optimal assignment (scipy), made an involution;
-    points whose match is not mutual map to themselves."""
+    nearest its horizontal mirror about the shape's centre: an optimal assignment (scipy), made an involution. A point
+    maps to itself where its match is not mutual or lies farther from the mirror image than the median distance
+    between neighbouring points (nothing there mirrors it)."""
     from scipy.optimize import linear_sum_assignment
 
     shape = _check_mean_shape(mean_shape)
@@ -287,8 +288,33 @@ def propose_flip(mean_shape) -> tuple:
     mirrored[:, 0] = 2 * shape[:, 0].mean() - shape[:, 0]
     cost = np.linalg.norm(shape[:, None] - mirrored[None], axis=-1)
     _, match = linear_sum_assignment(cost)
-    return tuple(int(j) if match[j] == i else i for i, j in enumerate(match))
+    spacing = np.median(np.sort(np.linalg.norm(shape[:, None] - shape[None], axis=-1), axis=1)[:, 1])
+    return tuple(int(j) if match[j] == i and cost[i, j] <= spacing else i for i, j in enumerate(match))
 
+
+def propose_scheme(name: str, mean_shape, k: int = 3) -> tuple[dict, list[str]]:
+    """A scheme-file spec for a landmark set that has none, from its mean shape (array[N, 2], image coordinates):
+    flip pairs from propose_flip, the paper's graph (k nearest points), and a guessed normaliser (the widest mirrored
+    pair; the nearest two points when nothing mirrors). Returns (spec, notes): the notes say what to review."""
+    shape = _check_mean_shape(mean_shape)
+    n = shape.shape[0]
+    flip = propose_flip(shape)
+    pairs = [[i, j] for i, j in enumerate(flip) if i < j]
+    notes = [f"flip_pairs: {len(pairs)} mirrored pairs proposed from the mirrored mean shape; "
+             f"{n - 2 * len(pairs)} points map to themselves"]
+    if pairs:
+        i, j = max(pairs, key=lambda p: abs(shape[p[0], 0] - shape[p[1], 0]))
+        notes.append(f"normalization: inter_ocular guessed as the widest mirrored pair ({i}, {j}); set your outer eye "
+                     f"corners (and pupil groups) instead")
+    else:
+        dist = np.linalg.norm(shape[:, None] - shape[None], axis=-1)
+        i, j = (int(v) for v in np.unravel_index(np.argmax(dist), dist.shape))
+        notes.append(f"normalization: no mirrored pairs; inter_ocular guessed as the farthest pair ({i}, {j})")
+    spec = {"name": name, "num_points": n, "flip_pairs": pairs,
+            "normalization": {"inter_ocular": [[int(i)], [int(j)]]},
+            "graph": {"from": "relations"}, "relations": {"knn": min(k, n - 1)}}
+    scheme_from_dict(spec, source=f"proposed scheme {name}", mean_shape=shape)
+    return spec, notes
 
 SCHEMES = {name: load_scheme(os.path.join(SCHEME_DIR, f"{name}.yaml")) for name in ("wflw98", "300w68", "cofw29")}
 WFLW98, IBUG68, COFW29 = SCHEMES["wflw98"], SCHEMES["300w68"], SCHEMES["cofw29"]

@@ -10,7 +10,7 @@ import yaml
 from structalign import metrics
 from structalign.data.synth import TEMPLATE
 from structalign.landmarks import (SCHEME_DIR, SCHEMES, WFLW98, SchemeError, knn_neighbors, load_scheme,
-                                   propose_flip, resolve_scheme, scheme_from_dict, scheme_yaml)
+                                   propose_flip, propose_scheme, resolve_scheme, scheme_from_dict, scheme_yaml)
 from structalign.models import build_model, laplacian_relations, message_graph
 
 # sha256 of each shipped scheme's tables, graph and relation tensors and NME on fixed data, computed with the
@@ -133,3 +133,13 @@ def test_box_normalisation():
     target[0, :, 1] = np.linspace(0, 90, 98)      # 90 px high: box size sqrt(40 * 90) = 60
     pred = target + np.array([3.0, 4.0])          # 5 px off everywhere
     assert metrics.per_image_nme(pred, target, WFLW98, norm="box")[0] == pytest.approx(5 / 60)
+
+
+def test_propose_scheme_writes_a_valid_file_to_review(tmp_path):
+    spec, notes = propose_scheme("mine98", TEMPLATE[:, :2])
+    assert scheme_from_dict(spec, mean_shape=TEMPLATE[:, :2]).flip == WFLW98.flip
+    assert spec["relations"] == {"knn": 3} and "widest mirrored pair" in notes[1]
+    lopsided = np.array([(0.0, 0.0), (0.2, 1.0), (3.0, 3.0)])     # nothing lies near another point's mirror image
+    spec, notes = propose_scheme("three", lopsided)
+    assert spec["flip_pairs"] == [] and spec["normalization"]["inter_ocular"] == [[0], [2]]
+    assert "no mirrored pairs" in notes[1]
