@@ -7,3 +7,11 @@ interrupted): the CLI prints it as one line. Anything else is a bug and keeps it
 
 class StructalignError(Exception):
     """A user-facing problem, reported as one line naming what is wrong."""
+
+
+class MissingFileError(StructalignError, FileNotFoundError):
+    """A file or folder the user named does not exist (still a FileNotFoundError for callers that catch that)."""
+
+
+class InputError(StructalignError, ValueError):
+    """A value or file content the user gave cannot be used (still a ValueError for callers that catch that)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -258,22 +259,27 @@ def scheme_from_dict(spec: dict, source: str = "scheme", mean_shape=None) -> Lan
                           relation_neighbors=neighbors, names=names)
 
 
-def load_scheme(path: str, mean_shape=None) -> LandmarkScheme:
-    """A scheme file (YAML) read and validated; mean_shape (array[N, 2]) resolves knn derivations."""
+def _read_spec(path: str) -> dict:
     if not os.path.isfile(path):
         raise SchemeError(f"scheme file {path!r} does not exist")
     try:
         with open(path) as f:
-            spec = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SchemeError(f"scheme file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return scheme_from_dict(spec, source=path, mean_shape=mean_shape)
 
 
-def scheme_yaml(scheme: LandmarkScheme, header: str = "") -> str:
-    """Scheme-file text for scheme (every derivation written out), with optional comment lines on top."""
+def load_scheme(path: str, mean_shape=None) -> LandmarkScheme:
+    """A scheme file (YAML) read and validated; mean_shape (array[N, 2]) resolves knn derivations."""
+    return scheme_from_dict(_read_spec(path), source=path, mean_shape=mean_shape)
+
+
+def scheme_yaml(scheme, header: str = "") -> str:
+    """Scheme-file text for a LandmarkScheme (every derivation written out) or scheme-file content (a dict, written
+    as given), with header as comment lines on top."""
+    spec = scheme.to_dict() if isinstance(scheme, LandmarkScheme) else scheme
     comment = "".join(f"# {line}\n" for line in header.splitlines())
-    return comment + yaml.safe_dump(scheme.to_dict(), sort_keys=False, default_flow_style=None, width=118)
+    return comment + yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=118)
 
 
 def propose_flip(mean_shape) -> tuple:
@@ -316,6 +322,39 @@ def propose_scheme(name: str, mean_shape, k: int = 3) -> tuple[dict, list[str]]:
     scheme_from_dict(spec, source=f"proposed scheme {name}", mean_shape=shape)
     return spec, notes
 
+
+def _is_path(scheme) -> bool:
+    return isinstance(scheme, str) and (scheme.endswith((".yaml", ".yml")) or os.sep in scheme)
+
+
+def needs_mean_shape(scheme) -> bool:
+    """Whether scheme (as resolve_scheme takes it) derives its graph or relations from a mean shape (knn)."""
+    spec = _read_spec(scheme) if _is_path(scheme) else scheme
+    return isinstance(spec, dict) and any(isinstance(spec.get(k), dict) and "knn" in spec[k]
+                                          for k in ("graph", "relations"))
+
+
+def provisional_scheme(scheme) -> LandmarkScheme:
+    """A scheme file or content whose knn derivations are resolved on stand-in points: its point count, names, flip
+    and normalisers are final, its graph is not (resolve it again on the data's mean shape)."""
+    source = scheme if _is_path(scheme) else "scheme"
+    spec = _read_spec(scheme) if _is_path(scheme) else scheme
+    n = spec.get("num_points") if isinstance(spec, dict) else None
+    ring = None
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 2:
+        angle = np.linspace(0, 2 * np.pi, n, endpoint=False)
+        ring = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    return scheme_from_dict(spec, source=source, mean_shape=ring)
+
+
+@lru_cache(maxsize=None)
+def placeholder_scheme(num_points: int) -> LandmarkScheme:
+    """A stand-in for a landmark set without a scheme yet (reading its data to propose one): no flips, a chain."""
+    return LandmarkScheme(name=f"unnamed{num_points}", num_points=num_points, flip=tuple(range(num_points)),
+                          ocular=((0,), (num_points - 1,)), pupils=((0,), (num_points - 1,)),
+                          edges=tuple((i, i + 1) for i in range(num_points - 1)),
+                          relation_neighbors=tuple((i + 1,) for i in range(num_points - 1)) + ((),))
+
 SCHEMES = {name: load_scheme(os.path.join(SCHEME_DIR, f"{name}.yaml")) for name in ("wflw98", "300w68", "cofw29")}
 WFLW98, IBUG68, COFW29 = SCHEMES["wflw98"], SCHEMES["300w68"], SCHEMES["cofw29"]
 _BY_COUNT = {s.num_points: s for s in SCHEMES.values()}
@@ -337,6 +376,6 @@ def resolve_scheme(scheme, mean_shape=None) -> LandmarkScheme:
         return scheme
     if isinstance(scheme, dict):
         return scheme_from_dict(scheme, mean_shape=mean_shape)
-    if isinstance(scheme, str) and (scheme.endswith((".yaml", ".yml")) or os.sep in scheme):
+    if _is_path(scheme):
         return load_scheme(scheme, mean_shape=mean_shape)
     return scheme_for(scheme)

@@ -6,7 +6,9 @@ From the draws and the face box, `sample_matrix` builds the one affine that move
 be compared under identical draws and an epoch can be resumed at any batch.
 
 Coordinates: pixel centres at integers in the original image and in the S x S crop (crop centre (S - 1) / 2).
-Crop: a square of side padding x max(box width, box height) around the box centre, resized to S x S.
+Crop: a square of side padding x max(box width, box height) around the box centre, resized to S x S
+(padding: data.crop_padding, default CROP_PADDING, chosen so that under the default augmentation at most 5 % of
+samples have a landmark outside the crop; benchmarks/RESULTS.md "Issue 10", `structalign data check --augment`).
 Colour: saturation blends each pixel with its grey level (luma 0.299 R + 0.587 G + 0.114 B, rounded), then contrast
 about 128 and brightness scale it: gain * (s * rgb + (1 - s) * grey) + offset, in float, without clipping.
 Normalisation: (rgb - NORM_MEAN) / NORM_STD per channel on 0..255 values (ImageNet statistics).
@@ -20,6 +22,7 @@ NORM_STD = (58.395, 57.12, 57.375)
 LUMA = np.array([0.299, 0.587, 0.114])
 CONTRAST_CENTER = 128.0
 _SAMPLE_STREAM = 0x5EED
+CROP_PADDING = 1.5
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def draw_sample(cfg: AugmentConfig, size: int, seed: int, epoch: int, position: 
                       factor(cfg.brightness, u[9]), factor(cfg.contrast, u[10]), factor(cfg.saturation, u[11]))
 
 
-def sample_matrix(box, size: int, draw: SampleDraw = IDENTITY, padding: float = 1.25) -> np.ndarray:
+def sample_matrix(box, size: int, draw: SampleDraw = IDENTITY, padding: float = CROP_PADDING) -> np.ndarray:
     """The affine (float64[2, 3]) from original-image pixels to crop pixels: crop around box, then the draw's
     rotation, zoom, shift and mirror about the crop centre."""
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -153,9 +156,14 @@ def flip_order(scheme, draw: SampleDraw) -> np.ndarray:
     return scheme.flip_array() if draw.flip else np.arange(scheme.num_points)
 
 
+def inside_crop(points: np.ndarray, size: int) -> np.ndarray:
+    """Whether (bool[..., N]) crop points (float[..., N, 2]) lie inside the S x S crop."""
+    return np.all((points > -0.5) & (points < size - 0.5), axis=-1)
+
+
 def crop_visibility(points: np.ndarray, visibility: np.ndarray, size: int, occlusion) -> np.ndarray:
     """visibility (float32[N]) of crop points (float[N, 2]): 0 outside the crop or under the occlusion rectangle."""
-    inside = np.all((points > -0.5) & (points < size - 0.5), axis=1)
+    inside = inside_crop(points, size)
     if occlusion is not None:
         x0, y0, x1, y1 = occlusion
         under = ((points[:, 0] >= x0 - 0.5) & (points[:, 0] < x1 - 0.5) &
@@ -175,7 +183,23 @@ class PlannedSample:
     draw: SampleDraw
 
 
-def plan_sample(record, scheme, size: int, draw: SampleDraw = IDENTITY, padding: float = 1.25) -> PlannedSample:
+def plan_sample(record, scheme, size: int, draw: SampleDraw = IDENTITY, padding: float = CROP_PADDING) -> PlannedSample:
     order = flip_order(scheme, draw)
     return PlannedSample(sample_matrix(record.box, size, draw, padding), record.landmarks[order],
                          record.visibility[order], draw)
+
+
+def out_of_crop_rate(ds, augment: AugmentConfig, padding: float = CROP_PADDING, size: int = 256, draws: int = 2000,
+                     seed: int = 0):
+    """(share of samples with at least one landmark outside the crop, share of landmarks outside) over
+    max(draws, len(ds)) augmented samples of ds (sample k: record k % len, epoch k // len), as training draws them."""
+    total = max(draws, len(ds))
+    lost_samples, lost_points = 0, 0
+    for k in range(total):
+        index, epoch = k % len(ds), k // len(ds)
+        planned = plan_sample(ds[index], ds.scheme, size, draw_sample(augment, size, seed, epoch, index), padding)
+        points = transform_points(planned.landmarks.astype(np.float64), planned.matrix)
+        outside = ~inside_crop(points, size)
+        lost_samples += bool(outside.any())
+        lost_points += int(outside.sum())
+    return lost_samples / total, lost_points / (total * ds.scheme.num_points)

@@ -1,15 +1,29 @@
-"""The batch both pipelines yield, and the part of a loader they share: epoch plan and per-sample planning."""
+"""The batch both pipelines yield, and the part of a loader they share: epoch plan, per-sample planning, and what
+happens when an image cannot be read during training (a file changed after the dataset was opened).
+
+An unreadable image stops the run with a one-line DatasetError naming the file under on_error="raise". Under
+on_error="skip" the sample is replaced by the next dataset index (in dataset order, wrapping) whose image reads, with
+the same augmentation draws, so a resumed run sees exactly what an uninterrupted one saw; each replaced image is
+reported once (a line on stderr, and a line in skip_log).
+"""
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from structalign.data.augment import IDENTITY, AugmentConfig, crop_visibility, draw_sample, plan_sample
-from structalign.data.records import FaceDataset
+from structalign.data.augment import (CROP_PADDING, IDENTITY, AugmentConfig, crop_visibility, draw_sample,
+                                      inside_crop, plan_sample)
+from structalign.data.records import ON_ERROR, DatasetError, FaceDataset, Problem, Skipped
 from structalign.data.sampling import EpochPlan, pose_balance_repeats
 
 BALANCE = (None, "pdb")
+
+
+def replacements(index: int, size: int):
+    """The dataset indices tried, in order, for the sample of `index`: itself, then the following ones, wrapping."""
+    return ((index + k) % size for k in range(size))
 
 
 @dataclass
@@ -17,7 +31,8 @@ class Batch:
     """images (Tensor[B, 3, S, S] float32, normalised), landmarks (Tensor[B, N, 2] float32, crop pixels),
     visibility (Tensor[B, N] float32: 0 outside the crop, under the occlusion rectangle, or annotated occluded),
     index (LongTensor[B] dataset indices), matrix (Tensor[B, 2, 3] float32, original-image -> crop pixels),
-    attributes (LongTensor[B, 6] or None); all on the loader's device."""
+    attributes (LongTensor[B, 6] or None), in_crop (Tensor[B, N] float32: 1 where the landmark lies inside the crop,
+    the loss weights of data.out_of_crop=ignore); all on the loader's device."""
 
     images: torch.Tensor
     landmarks: torch.Tensor
@@ -25,6 +40,7 @@ class Batch:
     index: torch.Tensor
     matrix: torch.Tensor
     attributes: Optional[torch.Tensor]
+    in_crop: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +67,10 @@ class BatchSource:
 
     def __init__(self, ds: FaceDataset, batch_size: int, train: bool, device, image_size: int = 256,
                  shard_id: int = 0, num_shards: int = 1, seed: int = 0, balance=None,
-                 augment: Optional[AugmentConfig] = None, drop_last=None, padding: float = 1.25):
+                 augment: Optional[AugmentConfig] = None, drop_last=None, padding: float = CROP_PADDING,
+                 on_error: str = "raise", skip_log: Optional[str] = None):
+        if on_error not in ON_ERROR:
+            raise DatasetError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if balance not in BALANCE:
             raise ValueError(f"balance must be one of {BALANCE}, got {balance!r}")
         if image_size < 8:
@@ -61,8 +80,10 @@ class BatchSource:
         if augment is not None and not isinstance(augment, AugmentConfig):
             raise TypeError(f"augment must be an AugmentConfig or None, got {type(augment).__name__}")
         if len(ds) == 0:
-            raise ValueError(f"dataset {ds.name} is empty")
+            raise DatasetError(f"dataset {ds.name} is empty")
         self.ds, self.train, self.size, self.seed, self.padding = ds, train, image_size, seed, padding
+        self.on_error, self.skip_log = on_error, skip_log
+        self.skipped = {}  # dataset index -> Skipped: images found unreadable by this loader (on_error="skip")
         self.device = torch.device(device)
         self.augment = augment if train else None
         repeats = pose_balance_repeats(ds.landmarks()) if (train and balance == "pdb") else None
@@ -75,10 +96,29 @@ class BatchSource:
     def __len__(self) -> int:
         return len(self.plan)
 
+    def unreadable(self, index: int, message: str) -> None:
+        """The image of dataset index `index` cannot be read (message names it): DatasetError under
+        on_error="raise"; otherwise reported once, on stderr and in skip_log."""
+        record = self.ds[index]
+        if self.on_error == "raise":
+            raise DatasetError(f"{message} (annotation {record.where}; on_error=skip replaces such a sample by the "
+                               f"next readable one)", Problem.CORRUPT_IMAGE)
+        if index in self.skipped:
+            return
+        item = Skipped(record.source or record.image_path, record.line, message, Problem.CORRUPT_IMAGE)
+        self.skipped[index] = item
+        print(f"skipping an unreadable image, replaced by the next readable sample: {item}", file=sys.stderr,
+              flush=True)
+        if self.skip_log:
+            with open(self.skip_log, "a", encoding="utf-8") as f:
+                f.write(f"{item.kind.value}\t{item.where}\t{item.reason}\n")
+
     def finish(self, images: torch.Tensor, landmarks: torch.Tensor, plans: list, indices) -> Batch:
         """A Batch from pipeline outputs (images [B, 3, S, S], landmarks [B, N, 2] on any device) and the plans."""
+        points = landmarks.cpu().numpy()
         visibility = np.stack([crop_visibility(lm, p.visibility, self.size, p.draw.occlusion)
-                               for lm, p in zip(landmarks.cpu().numpy(), plans)])
+                               for lm, p in zip(points, plans)])
+        in_crop = inside_crop(points, self.size).astype(np.float32)
         matrix = np.stack([p.matrix for p in plans]).astype(np.float32)
         attributes = None
         if self.has_attributes:
@@ -86,4 +126,4 @@ class BatchSource:
         return Batch(images.to(self.device, non_blocking=True), landmarks.to(self.device),
                      torch.from_numpy(visibility).to(self.device), torch.as_tensor(indices, dtype=torch.long,
                                                                                     device=self.device),
-                     torch.from_numpy(matrix).to(self.device), attributes)
+                     torch.from_numpy(matrix).to(self.device), attributes, torch.from_numpy(in_crop).to(self.device))

@@ -2,7 +2,8 @@
 
 Layout: ROOT/annotations/<name>_<split>.json (e.g. face_landmarks_wflw_train.json) and ROOT/images/<file_name>
 (or file_name relative to ROOT). Each annotation gives `keypoints` (K x [x, y, v]), `bbox` [x, y, w, h] and
-`image_id`; K picks the scheme (98, 68, 29). v = 0 marks an unlabelled point (visibility 0).
+`image_id`; K picks the shipped scheme (98, 68, 29) unless a scheme is given (any K). v = 0 marks an
+unlabelled point (visibility 0).
 """
 import glob
 import json
@@ -29,19 +30,25 @@ def _image_path(root: str, file_name: str) -> str:
     return in_images if os.path.isfile(in_images) else os.path.join(root, file_name)
 
 
-def read_coco(root: str, split: str = "train", on_error: str = "raise") -> FaceDataset:
-    """Open the COCO-keypoints split whose file ends in _<split>.json (or split = a .json path)."""
+def read_coco(root: str, split: str = "train", on_error: str = "raise",
+              face_box: str = "annotation", scheme=None) -> FaceDataset:
+    """Open the COCO-keypoints split whose file ends in _<split>.json (or split = a .json path); scheme: see
+    Problems (a LandmarkScheme takes any point count)."""
     path = annotation_path(root, split)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON (not UTF-8 text: {e})") from e
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DatasetError(f"{path}: a COCO file needs top-level 'images' and 'annotations' lists")
     files = {im.get("id"): im.get("file_name") for im in data["images"]}
-    problems = Problems(on_error)
-    records, scheme = [], None
+    sizes = {im.get("id"): (im["width"], im["height"]) for im in data["images"]
+             if isinstance(im.get("width"), int) and isinstance(im.get("height"), int)}
+    problems = Problems(on_error, face_box, scheme)
+    records, found = [], None
     for entry, ann in enumerate(data["annotations"], start=1):
         source = f"{path} annotation"
         try:
@@ -57,14 +64,15 @@ def read_coco(root: str, split: str = "train", on_error: str = "raise") -> FaceD
         if not isinstance(file_name, str):
             problems.report(source, entry, f"image {ann['image_id']} has no file_name")
             continue
-        entry_scheme = problems.entry_scheme(scheme, len(keypoints), source, entry, "keypoints")
+        entry_scheme = problems.entry_scheme(found, len(keypoints), source, entry, "keypoints")
         if entry_scheme is None:
             continue
-        scheme = entry_scheme
+        found = entry_scheme
         record = make_record(problems, source, entry, _image_path(root, file_name), keypoints[:, :2],
-                             [x, y, x + w, y + h], visibility=(keypoints[:, 2] > 0).astype(np.float32))
+                             [x, y, x + w, y + h], visibility=(keypoints[:, 2] > 0).astype(np.float32),
+                             declared_size=sizes.get(ann["image_id"]))
         if record is not None:
             records.append(record)
-    if scheme is None:
+    if found is None:
         raise DatasetError(f"{path}: no usable annotations")
-    return FaceDataset(records, scheme, f"coco:{os.path.basename(path)}", problems.skipped)
+    return FaceDataset(records, found, f"coco:{os.path.basename(path)}", problems.skipped)

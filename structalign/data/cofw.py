@@ -74,16 +74,17 @@ def _write_image(image: np.ndarray, path: str) -> None:
     os.replace(tmp, path)
 
 
-def read_cofw(root: str, split: str = "train", on_error: str = "raise", cache_dir: str = None) -> FaceDataset:
+def read_cofw(root: str, split: str = "train", on_error: str = "raise",
+              face_box: str = "annotation", cache_dir: str = None) -> FaceDataset:
     """Open COFW split "train" or "test", extracting its images on first use (see the module docstring)."""
     if split not in FILES:
-        raise ValueError(f"COFW split must be one of {SPLITS}, got {split!r}")
+        raise DatasetError(f"COFW split must be one of {SPLITS}, got {split!r}")
     name, *keys = FILES[split]
     path = require_file(os.path.join(root, name), f"COFW {split} file")
     images, phis, boxes = load_mat(path, keys)
     out_dir = os.path.join(cache_dir or os.path.join(root, "COFW_images"), split)
     os.makedirs(out_dir, exist_ok=True)
-    problems = Problems(on_error)
+    problems = Problems(on_error, face_box)
     records = []
     n = COFW29.num_points
     for i, (image, phi, box) in enumerate(zip(images, phis, boxes)):
@@ -96,7 +97,7 @@ def read_cofw(root: str, split: str = "train", on_error: str = "raise", cache_di
         landmarks = np.stack([phi[:n], phi[n:2 * n]], axis=1) - 1.0
         x, y, w, h = box
         record = make_record(problems, path, i + 1, image_path, landmarks, [x - 1, y - 1, x - 1 + w, y - 1 + h],
-                             visibility=1.0 - (phi[2 * n:] > 0), check_image=False)
+                             visibility=1.0 - (phi[2 * n:] > 0), image_size=(image.shape[1], image.shape[0]))
         if record is not None:
             records.append(record)
     return FaceDataset(records, COFW29, f"cofw:{split}", problems.skipped)

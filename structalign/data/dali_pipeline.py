@@ -8,6 +8,10 @@ sample's matrix and moves the landmarks with the same matrix (fn.coord_transform
 per-sample mean and std. Batches are fed and
 scheduled explicitly, `prefetch` ahead, so an epoch can start at any batch (exact resume).
 
+An image whose header or bytes cannot be read is found before it is fed; one DALI cannot decode fails its batch: the
+loader then decodes that batch's files with PIL to name the bad one, and (on_error="skip") rebuilds the pipeline and
+runs the epoch again from that batch with the bad image replaced as batches.py describes.
+
     .venv/bin/python -m pytest -q tests/data/test_pipelines.py
 """
 from collections import deque
@@ -17,8 +21,9 @@ import torch
 from PIL import Image
 
 from structalign.data.augment import NORM_MEAN, NORM_STD, colour_gain_offset, invert_affine, to_pixel_corner
-from structalign.data.batches import BatchSource
+from structalign.data.batches import BatchSource, replacements
 from structalign.data.records import DatasetError
+from structalign.data.reference_pipeline import read_rgb
 
 _MEAN = np.asarray(NORM_MEAN, np.float64)
 _STD = np.asarray(NORM_STD, np.float64)
@@ -83,6 +88,10 @@ def _roi(inverse_corner: np.ndarray, size: int, width: int, height: int):
     return lo.astype(np.int32), (hi - lo).astype(np.int32)
 
 
+class _DecodeFailure(Exception):
+    """DALI could not decode a batch whose bad image is now known: rebuild the pipeline and run again."""
+
+
 class DaliLoader(BatchSource):
     """make_loader(..., backend="dali"): a DALI pipeline with num_threads CPU threads, `prefetch` batches ahead."""
 
@@ -96,29 +105,52 @@ class DaliLoader(BatchSource):
             self.device = torch.device("cuda", device_id)
         fill = self.augment.fill if self.augment is not None else 127.0
         self.prefetch = prefetch
-        self.pipe = _build_pipeline(batch_size, self.size, fill, device_id, num_threads, prefetch)
+        self._pipeline_args = (batch_size, self.size, fill, device_id, num_threads, prefetch)
+        self.pipe = _build_pipeline(*self._pipeline_args)
         self._in_flight = deque()  # (plans, indices) of each batch fed to DALI and not collected yet
         self._primed = False
         self._image_sizes = {}
+        self._unreadable = set()  # dataset indices whose image could not be read (on_error="skip")
 
     def _image_size(self, index: int):
+        if index not in self._image_sizes and self.ds[index].image_size is not None:
+            self._image_sizes[index] = self.ds[index].image_size  # read from the header when the dataset was opened
         if index not in self._image_sizes:
             path = self.ds[index].image_path
             try:
                 with Image.open(path) as im:
                     self._image_sizes[index] = im.size
-            except (OSError, ValueError) as e:
-                raise DatasetError(f"{path}: cannot read image header ({e})") from e
+            except (OSError, ValueError, SyntaxError) as e:
+                raise DatasetError(f"cannot read image {path}: {e}") from e
         return self._image_sizes[index]
 
-    def _inputs(self, plans, indices):
-        feeds = {name: [] for name in _INPUTS}
-        for planned, index in zip(plans, indices):
-            path = self.ds[int(index)].image_path
+    def _mark_unreadable(self, index: int, message: str) -> None:
+        self.unreadable(index, message)  # raises under on_error="raise"
+        self._unreadable.add(index)
+
+    def _readable(self, index: int):
+        """(index, encoded bytes) of the sample to make for `index`: itself, or under on_error="skip" the next
+        index whose image is not known to be unreadable and whose header and bytes read."""
+        for candidate in replacements(index, len(self.ds)):
+            if candidate in self._unreadable:
+                continue
+            path = self.ds[candidate].image_path
             try:
-                feeds["encoded"].append(np.fromfile(path, dtype=np.uint8))
+                self._image_size(candidate)
+                encoded = np.fromfile(path, dtype=np.uint8)
+            except DatasetError as e:
+                error = str(e)
             except OSError as e:
-                raise DatasetError(f"{path}: cannot read image ({e})") from e
+                error = f"cannot read image {path}: {e}"
+            else:
+                return candidate, encoded
+            self._mark_unreadable(candidate, error)
+        raise DatasetError(f"no readable image left in {self.ds.name}")
+
+    def _inputs(self, plans, indices, encoded):
+        feeds = {name: [] for name in _INPUTS}
+        feeds["encoded"] = list(encoded)
+        for planned, index in zip(plans, indices):
             matrix = to_pixel_corner(planned.matrix)
             start, shape = _roi(invert_affine(matrix), self.size, *self._image_size(int(index)))
             roi_matrix = np.eye(3)
@@ -140,8 +172,9 @@ class DaliLoader(BatchSource):
         return feeds
 
     def _schedule(self, epoch: int, positions, indices) -> None:
-        plans = [self.planned(epoch, int(p), int(i)) for p, i in zip(positions, indices)]
-        for name, data in self._inputs(plans, indices).items():
+        indices, encoded = zip(*(self._readable(int(i)) for i in indices))
+        plans = [self.planned(epoch, int(p), i) for p, i in zip(positions, indices)]
+        for name, data in self._inputs(plans, indices, encoded).items():
             self.pipe.feed_input(name, data)
         self._in_flight.append((plans, indices))
         if not self._primed:
@@ -156,8 +189,18 @@ class DaliLoader(BatchSource):
         try:
             images, points = self.pipe.outputs()
         except RuntimeError as e:
-            paths = [self.ds[int(i)].image_path for i in indices]
-            raise DatasetError(f"DALI failed on a batch of {paths}: {e}") from e
+            found = False
+            for index in indices:
+                try:
+                    read_rgb(self.ds[int(index)].image_path)
+                except DatasetError as bad:
+                    self._mark_unreadable(int(index), str(bad))
+                    found = True
+            if not found:
+                paths = [self.ds[int(i)].image_path for i in indices]
+                raise DatasetError(f"DALI failed on a batch of {paths} that PIL decodes: "
+                                   f"{str(e).strip().splitlines()[-1]}") from e
+            raise _DecodeFailure() from e
         images = images.as_tensor()
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -174,6 +217,19 @@ class DaliLoader(BatchSource):
         """Yield the Batches of epoch `epoch` from batch start_batch on."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        while True:
+            try:
+                for batch in self._run(epoch, start_batch):
+                    start_batch += 1
+                    yield batch
+                return
+            except _DecodeFailure:  # the bad image is marked: a fresh pipeline, and this epoch again from here
+                del self.pipe
+                self.pipe = _build_pipeline(*self._pipeline_args)
+                self._in_flight.clear()
+                self._primed = False
+
+    def _run(self, epoch: int, start_batch: int):
         while self._in_flight and self._primed:  # runs left over by an epoch that was not read to the end
             self._collect()
         self._in_flight.clear()

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from structalign.data.records import DatasetError, FaceDataset, Problems, landmark_box, make_record
+from structalign.data.records import DatasetError, FaceDataset, Problem, Problems, landmark_box, make_record
 from structalign.landmarks import IBUG68
 
 SPLIT_FOLDERS = {
@@ -68,11 +68,12 @@ def _image_for(pts_path: str):
     return None
 
 
-def read_300w(root: str, split: str = "train", on_error: str = "raise") -> FaceDataset:
+def read_300w(root: str, split: str = "train", on_error: str = "raise",
+              face_box: str = "annotation") -> FaceDataset:
     """Open 300W split "train", "common", "challenging", "full" or "test" (= full)."""
     if split not in SPLIT_FOLDERS:
-        raise ValueError(f"300W split must be one of {SPLITS}, got {split!r}")
-    problems = Problems(on_error)
+        raise DatasetError(f"300W split must be one of {SPLITS}, got {split!r}")
+    problems = Problems(on_error, face_box)
     records = []
     for folder in SPLIT_FOLDERS[split]:
         directory = os.path.join(root, folder)
@@ -84,10 +85,11 @@ def read_300w(root: str, split: str = "train", on_error: str = "raise") -> FaceD
                 continue
             image = _image_for(pts)
             if image is None:
-                problems.report(pts, None, f"no image beside it (looked for {', '.join(IMAGE_EXTENSIONS)})")
+                problems.report(pts, None, f"no image beside it (looked for {', '.join(IMAGE_EXTENSIONS)})",
+                                Problem.MISSING_IMAGE)
                 continue
             landmarks = points - 1.0
-            record = make_record(problems, pts, None, image, landmarks, landmark_box(landmarks), check_image=False)
+            record = make_record(problems, pts, None, image, landmarks, landmark_box(landmarks))
             if record is not None:
                 records.append(record)
     return FaceDataset(records, IBUG68, f"300w:{split}", problems.skipped)

@@ -6,7 +6,8 @@
       </image>
     </images></dataset>
 
-One record per <box>; parts are ordered by their numeric name, and their count picks the scheme (98, 68, 29).
+One record per <box>; parts are ordered by their numeric name, and their count picks the shipped scheme (98, 68,
+29) unless a scheme is given (any count).
 Boxes marked ignore='1' are left out and listed in `skipped`. Image paths are relative to the XML file.
 """
 import glob
@@ -15,7 +16,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from structalign.data.records import DatasetError, FaceDataset, Problems, Skipped, make_record
+from structalign.data.records import DatasetError, FaceDataset, Problem, Problems, Skipped, make_record
 
 
 def annotation_path(root: str, split: str) -> str:
@@ -44,7 +45,8 @@ def _parts(box, source, line, problems):
     return np.array([p[1:] for p in sorted(parts)], np.float64)
 
 
-def read_imglab(root: str, split: str = "train", on_error: str = "raise") -> FaceDataset:
+def read_imglab(root: str, split: str = "train", on_error: str = "raise",
+                face_box: str = "annotation", scheme=None) -> FaceDataset:
     """Open the imglab XML whose name contains split (or split / root = an .xml path)."""
     path = annotation_path(root, split)
     try:
@@ -52,14 +54,14 @@ def read_imglab(root: str, split: str = "train", on_error: str = "raise") -> Fac
     except ET.ParseError as e:
         raise DatasetError(f"{path}:{e.position[0]}: not valid XML ({e})") from e
     base = os.path.dirname(os.path.abspath(path))
-    problems = Problems(on_error)
-    records, skipped, scheme = [], [], None
+    problems = Problems(on_error, face_box, scheme)
+    records, skipped, found = [], [], None
     for entry, image in enumerate(tree.getroot().iter("image"), start=1):
         file_name = image.get("file")
         for box in image.findall("box"):
             where = f"{path} image {entry} ({file_name})"
             if box.get("ignore") == "1":
-                skipped.append(Skipped(where, None, "box marked ignore='1'"))
+                skipped.append(Skipped(where, None, "box marked ignore='1'", Problem.IGNORED))
                 continue
             try:
                 top, left, width, height = (float(box.get(k)) for k in ("top", "left", "width", "height"))
@@ -69,14 +71,14 @@ def read_imglab(root: str, split: str = "train", on_error: str = "raise") -> Fac
             points = _parts(box, where, None, problems)
             if points is None:
                 continue
-            box_scheme = problems.entry_scheme(scheme, len(points), where, None, "parts")
+            box_scheme = problems.entry_scheme(found, len(points), where, None, "parts")
             if box_scheme is None:
                 continue
-            scheme = box_scheme
+            found = box_scheme
             record = make_record(problems, where, None, os.path.join(base, file_name or ""), points,
                                  [left, top, left + width, top + height])
             if record is not None:
                 records.append(record)
-    if scheme is None:
+    if found is None:
         raise DatasetError(f"{path}: no usable <box> with landmarks")
-    return FaceDataset(records, scheme, f"xml:{os.path.basename(path)}", skipped + problems.skipped)
+    return FaceDataset(records, found, f"xml:{os.path.basename(path)}", skipped + problems.skipped)

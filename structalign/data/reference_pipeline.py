@@ -10,7 +10,7 @@ from PIL import Image
 
 from structalign.data.augment import (LUMA, NORM_MEAN, NORM_STD, PlannedSample, colour_gain_offset, invert_affine,
                                       to_pixel_corner, transform_points)
-from structalign.data.batches import BatchSource, SamplePlanner
+from structalign.data.batches import BatchSource, SamplePlanner, replacements
 from structalign.data.records import DatasetError
 
 _MEAN = np.asarray(NORM_MEAN, np.float32)
@@ -23,8 +23,8 @@ def read_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: cannot read image ({e})") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from e
 
 
 def augment_image(image: Image.Image, planned: PlannedSample, size: int, fill: float = 127.0) -> np.ndarray:
@@ -50,23 +50,39 @@ def augment_landmarks(planned: PlannedSample) -> np.ndarray:
 
 
 class _Samples(torch.utils.data.Dataset):
-    """Keyed by (epoch, position, index): the augmented crop and landmarks of that sample."""
+    """Keyed by (epoch, position, index): (crop, landmarks, key of the sample made, [(index, message)] of the
+    unreadable images met). An unreadable image ends the item under on_error="raise" (crop None), else the next
+    index is tried (batches.py); the main process reports them, so a worker never raises for a bad file."""
 
-    def __init__(self, planner: SamplePlanner, fill: float):
-        self.planner, self.fill = planner, fill
+    def __init__(self, planner: SamplePlanner, fill: float, on_error: str):
+        self.planner, self.fill, self.on_error = planner, fill, on_error
 
     def __len__(self) -> int:
         return len(self.planner.ds)
 
     def __getitem__(self, key):
-        planned = self.planner(*key)
-        image = augment_image(read_rgb(self.planner.ds[key[2]].image_path), planned, self.planner.size, self.fill)
-        return image, augment_landmarks(planned), key
+        epoch, position, index = key
+        ds, failures = self.planner.ds, []
+        for candidate in replacements(index, len(ds)):
+            try:
+                image = read_rgb(ds[candidate].image_path)
+            except DatasetError as e:
+                failures.append((candidate, str(e)))
+                if self.on_error == "raise":
+                    break
+                continue
+            planned = self.planner(epoch, position, candidate)
+            crop = augment_image(image, planned, self.planner.size, self.fill)
+            return crop, augment_landmarks(planned), (epoch, position, candidate), failures
+        return None, None, key, failures
 
 
 def _collate(items):
-    images, landmarks, keys = zip(*items)
-    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(landmarks)), keys
+    crops, landmarks, keys, failures = zip(*items)
+    failures = [f for item in failures for f in item]
+    if any(crop is None for crop in crops):
+        return None, None, keys, failures
+    return torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(landmarks)), keys, failures
 
 
 class _EpochSampler:
@@ -94,7 +110,8 @@ class ReferenceLoader(BatchSource):
         fill = self.augment.fill if self.augment is not None else 127.0
         self.sampler = _EpochSampler(self)
         self.loader = torch.utils.data.DataLoader(
-            _Samples(self.planned, fill), batch_sampler=self.sampler, num_workers=num_threads, collate_fn=_collate,
+            _Samples(self.planned, fill, self.on_error), batch_sampler=self.sampler, num_workers=num_threads,
+            collate_fn=_collate,
             # Not persistent: persistent workers measured a 5 s hang per worker when the loader was deleted.
             pin_memory=self.device.type == "cuda", persistent_workers=False)
 
@@ -103,6 +120,10 @@ class ReferenceLoader(BatchSource):
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
         self.sampler.select(epoch, start_batch)
-        for images, landmarks, keys in self.loader:
+        for images, landmarks, keys, failures in self.loader:
+            for index, message in failures:
+                self.unreadable(index, message)
+            if images is None:
+                raise DatasetError(f"no readable image left in {self.ds.name}")
             plans = [self.planned(*key) for key in keys]
             yield self.finish(images, landmarks, plans, [key[2] for key in keys])

@@ -5,6 +5,8 @@ its augmentation draws are keyed on, so a shard or a resumed epoch sees exactly 
 """
 import numpy as np
 
+from structalign.data.records import DatasetError
+
 _ORDER_STREAM = 0x0DE5
 
 
@@ -59,7 +61,7 @@ class EpochPlan:
         size = self.stop - self.start
         self.num_batches = size // batch_size if drop_last else -(-size // batch_size)
         if self.num_batches == 0:
-            raise ValueError(f"shard {shard_id}/{num_shards} gets {size} of {total} samples: not one batch of "
+            raise DatasetError(f"shard {shard_id}/{num_shards} gets {size} of {total} samples: not one batch of "
                              f"{batch_size}{' with drop_last' if drop_last else ''}")
 
     def __len__(self) -> int:

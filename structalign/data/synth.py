@@ -17,6 +17,8 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from structalign.errors import InputError
+
 _SPLIT_STREAM = {"train": 1, "test": 2}
 
 
@@ -199,9 +201,9 @@ def render_dataset(out_dir: str, num_train: int, num_test: int, seed: int = 0, w
     """
     lo, hi = face_scale
     if not 0.05 <= lo <= hi <= 0.4:
-        raise ValueError(f"face_scale must be (lo, hi) with 0.05 <= lo <= hi <= 0.4, got {face_scale}")
+        raise InputError(f"face_scale must be (lo, hi) with 0.05 <= lo <= hi <= 0.4, got {face_scale}")
     if num_train < 0 or num_test < 0 or width < 64 or height < 64:
-        raise ValueError(f"need num_train, num_test >= 0 and an image of at least 64 x 64, got "
+        raise InputError(f"need num_train, num_test >= 0 and an image of at least 64 x 64, got "
                          f"{num_train}, {num_test}, {width} x {height}")
     os.makedirs(os.path.join(out_dir, "WFLW_images", "synth"), exist_ok=True)
     annotations = os.path.join(out_dir, "WFLW_annotations", "list_98pt_rect_attr_train_test")

@@ -39,17 +39,18 @@ def image_root(root: str) -> str:
     return images if os.path.isdir(images) else root
 
 
-def read_wflw(root: str, split: str = "train", on_error: str = "raise") -> FaceDataset:
+def read_wflw(root: str, split: str = "train", on_error: str = "raise",
+              face_box: str = "annotation") -> FaceDataset:
     """Open WFLW split "train", "test", or a test subset: pose, expression, illumination, makeup, occlusion, blur."""
     split = SUBSET_ALIASES.get(split, split)
     if split not in SPLITS:
-        raise ValueError(f"WFLW split must be one of {SPLITS}, got {split!r}")
+        raise DatasetError(f"WFLW split must be one of {SPLITS}, got {split!r}")
     subset = ATTRIBUTES.index(split) if split in ATTRIBUTES else None
     path = annotation_path(root, "train" if split == "train" else "test")
     images = image_root(root)
-    problems = Problems(on_error)
+    problems = Problems(on_error, face_box)
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # undecodable bytes fail the line's parse
         for line_no, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from structalign.data import NORM_MEAN, NORM_STD, AugmentConfig, invert_affine, make_loader, open_dataset
+from structalign.data import (NORM_MEAN, NORM_STD, AugmentConfig, DatasetError, invert_affine, make_loader,
+                              open_dataset)
 from structalign.data.augment import draw_sample, transform_points
 from structalign.data.sampling import EpochPlan, pose_balance_repeats
 
@@ -221,7 +222,7 @@ def test_loader_rejects_bad_arguments(synth_root):
         make_loader(ds, 4, True, "cpu", backend="opencv")
     with pytest.raises(ValueError, match="balance must be one of"):
         make_loader(ds, 4, True, "cpu", backend="reference", balance="yes")
-    with pytest.raises(ValueError, match="not one batch"):
+    with pytest.raises(DatasetError, match="not one batch"):
         make_loader(ds, 32, True, "cpu", backend="reference")
     with pytest.raises(ValueError, match="shard_id"):
         make_loader(ds, 4, True, "cpu", backend="reference", shard_id=2, num_shards=2)

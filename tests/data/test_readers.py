@@ -95,11 +95,11 @@ def test_wflw_missing_annotation_file(tmp_path):
 
 
 def test_bad_arguments(wflw_root):
-    with pytest.raises(ValueError, match="fmt must be one of"):
+    with pytest.raises(DatasetError, match="fmt must be one of"):
         open_dataset(str(wflw_root), "afw")
-    with pytest.raises(ValueError, match="WFLW split must be one of"):
+    with pytest.raises(DatasetError, match="WFLW split must be one of"):
         open_dataset(str(wflw_root), "wflw", "val")
-    with pytest.raises(ValueError, match="on_error must be one of"):
+    with pytest.raises(DatasetError, match="on_error must be one of"):
         open_dataset(str(wflw_root), "wflw", "train", on_error="ignore")
 
 
@@ -263,11 +263,12 @@ def test_split_validation_is_deterministic_and_disjoint(synth_root):
 def test_data_check_reports_counts_and_problems(wflw_root):
     lines = []
     assert check(str(wflw_root), out=lines.append) == 0
-    assert "wflw train: 3 faces (wflw98), 0 missing images, 0 bad annotations" in lines
+    assert "wflw train: 3 faces (wflw98), 0 problems" in lines
     assert "wflw test subset pose: 1 faces" in lines
     os.remove(wflw_root / "WFLW_images" / "ev" / "test1.jpg")
     _corrupt(wflw_root, "broken line")
     lines = []
     assert check(str(wflw_root), out=lines.append) == 2
-    assert "wflw train: 2 faces (wflw98), 0 missing images, 1 bad annotations" in lines
-    assert "wflw test: 3 faces (wflw98), 1 missing images, 0 bad annotations" in lines
+    train = lines.index("wflw train: 2 faces (wflw98), 1 problem")
+    test = lines.index("wflw test: 3 faces (wflw98), 1 problem")
+    assert lines[train + 1] == "    bad annotation: 1" and lines[test + 1] == "    missing image: 1"

@@ -82,7 +82,7 @@ def test_data_commands(tmp_path, capsys):
     assert "wrote 3 train and 2 test faces" in capsys.readouterr().out
     assert _cli(["data", "check", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "wflw train: 3 faces (wflw98), 0 missing images, 0 bad annotations" in printed
+    assert "wflw train: 3 faces (wflw98), 0 problems" in printed
     os.remove(out / "WFLW_images" / "synth" / "train_00001.jpg")
     assert _cli(["data", "check", str(out), "--format", "wflw"]) == 1
     assert "image not found" in capsys.readouterr().out
