@@ -6,12 +6,11 @@ Layout: ROOT/annotations/<name>_<split>.json (e.g. face_landmarks_wflw_train.jso
 unlabelled point (visibility 0).
 """
 import glob
-import json
 import os
 
 import numpy as np
 
-from structalign.data.records import DatasetError, FaceDataset, Problems, make_record
+from structalign.data.records import DatasetError, FaceDataset, Problems, make_record, read_json
 
 
 def annotation_path(root: str, split: str) -> str:
@@ -35,13 +34,7 @@ def read_coco(root: str, split: str = "train", on_error: str = "raise",
     """Open the COCO-keypoints split whose file ends in _<split>.json (or split = a .json path); scheme: see
     Problems (a LandmarkScheme takes any point count)."""
     path = annotation_path(root, split)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON (not UTF-8 text: {e})") from e
+    data = read_json(path)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DatasetError(f"{path}: a COCO file needs top-level 'images' and 'annotations' lists")
     files = {im.get("id"): im.get("file_name") for im in data["images"]}

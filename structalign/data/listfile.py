@@ -9,12 +9,11 @@ Image paths are relative to the list file's folder. The landmark count picks the
 unless a scheme is given (`data.scheme`, any count); `tags` name evaluation subsets (`structalign eval` reports each).
 """
 import csv
-import json
 import os
 
 import numpy as np
 
-from structalign.data.records import DatasetError, FaceDataset, Problems, make_record
+from structalign.data.records import DatasetError, FaceDataset, Problems, make_record, read_json
 
 
 def annotation_path(root: str, split: str) -> str:
@@ -47,13 +46,7 @@ def _csv_entries(path: str):
 
 
 def _json_entries(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON (not UTF-8 text: {e})") from e
+    data = read_json(path)
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of faces, got {type(data).__name__}")
     for entry, face in enumerate(data, start=1):

@@ -10,6 +10,7 @@ edge), the image size the annotation declares (where it declares one), and no se
 with the same landmarks. A problem is a `Problem` kind plus a message naming file and line.
 """
 import enum
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -319,6 +320,17 @@ def landmark_box(landmarks: np.ndarray) -> np.ndarray:
     """The tight box (float32[4] x0, y0, x1, y1) around landmarks (float[N, 2]), for formats without a face box."""
     lo, hi = landmarks.min(axis=0), landmarks.max(axis=0)
     return np.array([lo[0], lo[1], hi[0], hi[1]], np.float32)
+
+
+def read_json(path: str):
+    """The JSON document at path; DatasetError naming file and line where it does not parse."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON (not UTF-8 text: {e})") from e
 
 
 def require_file(path: str, what: str) -> str:
