@@ -1,25 +1,67 @@
-"""Training checkpoints: written atomically (temporary file, then os.replace), loaded without executing pickled code.
+"""Training checkpoints: one `TrainState` saves and restores a run; files are written atomically (temporary file,
+fsync, os.replace, fsync of the directory) and loaded without executing pickled code.
 
 A checkpoint is a dict of tensors and plain Python values:
-    model, ema (state dicts of the uncompiled, unwrapped modules; ema may be None), model_args (build_model kwargs),
-    optimizer, scheduler, scaler (state dicts), epoch, batch (the next batch of that epoch), step, best_nme,
-    rng (CPU/CUDA torch, numpy, python states), config (Config.to_dict()).
+    model, ema (state dicts of the uncompiled, unwrapped modules; ema may be None), model_args (the architecture
+    keys of build_model: no weights file, no op backend), optimizer, scheduler, scaler (state dicts), epoch, batch
+    (the next batch of that epoch), step, best_nme, best_epoch, rng (per rank: CPU/CUDA torch, numpy, python
+    states), config (Config.to_dict()).
 """
+import glob
+import math
 import os
 import random
-import tempfile
+import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from structalign.errors import InputError, MissingFileError
 from structalign.models import build_model
+
+# The build_model keywords that define a checkpoint's modules. Older checkpoints also stored backbone_weights (a
+# file only needed to initialise a run) and op_backend (how to run, not what): both are ignored when loading.
+ARCHITECTURE_KEYS = ("arch", "backbone", "scheme", "image_size", "head_width", "num_blocks", "adjacency",
+                     "map_to_node", "backbone_width", "bn_momentum", "fc_width")
+TEMPORARY_PATTERN = ".tmp-*.pt"
+
+
+class CheckpointError(InputError):
+    """A checkpoint file that cannot be used (corrupt, not a structalign checkpoint, a different model)."""
+
+
+class CheckpointNotFoundError(CheckpointError, MissingFileError):
+    """A checkpoint path that does not exist."""
+
+
+def architecture(model_args: dict) -> dict:
+    """The architecture keys of a checkpoint's model_args (what build_model needs to rebuild its modules)."""
+    return {k: v for k, v in model_args.items() if k in ARCHITECTURE_KEYS}
+
+
+def remove_stale_temporaries(directory: str) -> list:
+    """Delete the `.tmp-*.pt` files a killed save left in directory; returns their paths."""
+    stale = glob.glob(os.path.join(glob.escape(directory), TEMPORARY_PATTERN))
+    for path in stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write state to path so that a crash leaves either the old file or the new one, never a torn one."""
+    """Write state to path so that a crash leaves either the old file or the new one, never a torn one.
+
+    The file gets the usual mode (0666 less the umask); temporaries of earlier killed saves are removed first.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    remove_stale_temporaries(directory)
+    tmp = os.path.join(directory, TEMPORARY_PATTERN.replace("*", uuid.uuid4().hex))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -30,39 +72,114 @@ def save_checkpoint(path: str, state: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read a checkpoint with weights_only=True (plain tensors and containers only); clear errors for bad files."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"checkpoint {path!r} cannot be read (corrupt or not a structalign checkpoint): "
-                         f"{exc}") from None
+        raise CheckpointError(f"checkpoint {path!r} cannot be read (corrupt or not a structalign checkpoint): "
+                              f"{exc}") from None
     missing = [k for k in ("model", "model_args", "config") if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"checkpoint {path!r} is not a structalign checkpoint: missing {missing}")
+        raise CheckpointError(f"checkpoint {path!r} is not a structalign checkpoint: missing {missing}")
     return state
 
 
 def model_from_checkpoint(path: str, weights: str = "ema", op_backend: str | None = None,
                           device="cpu") -> tuple[torch.nn.Module, dict]:
     """The model of a checkpoint in eval mode, with its EMA weights where it has them (weights="ema") or the raw
-    ones (weights="model"); returns (model, checkpoint)."""
+    ones (weights="model"); returns (model, checkpoint). op_backend: backend of the graph op (None = the global
+    default); no backbone-weights file is needed."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     state = load_checkpoint(path, map_location=device)
-    args = dict(state["model_args"])
-    if op_backend is not None:
-        args["op_backend"] = op_backend
-    model = build_model(**args)
+    model = build_model(**architecture(state["model_args"]), op_backend=op_backend)
     if weights == "ema" and state.get("ema") is not None:
         model.load_state_dict(state["ema"]["module"])
     else:
         model.load_state_dict(state["model"])
     return model.to(device).eval(), state
+
+
+@dataclass
+class TrainState:
+    """Everything a run continues from, in one place: the modules and optimiser objects (updated in place on load)
+    and the data position (epoch, next batch of that epoch, optimiser step) with the best validation NME so far.
+
+    model and ema are the uncompiled, unwrapped modules (ema: a structalign.engine.ema.EMA or None).
+    """
+
+    model: torch.nn.Module
+    ema: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # over structalign.engine.optim.Schedule
+    scaler: torch.amp.GradScaler
+    model_args: dict
+    config: dict
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_nme: float = math.inf
+    best_epoch: int | None = None
+
+    def state_dict(self, rng: list) -> dict:
+        """The checkpoint dict; rng: the RNG states of every rank (gather_rng_states)."""
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "model_args": self.model_args, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                "batch": self.batch, "step": self.step, "best_nme": self.best_nme, "best_epoch": self.best_epoch,
+                "rng": rng, "config": self.config}
+
+    def save(self, path: str, rank: int = 0, world_size: int = 1) -> None:
+        """Collective under DDP (every rank calls it: the RNG states are gathered); rank 0 writes the file."""
+        state = self.state_dict(gather_rng_states(world_size))
+        if rank == 0:
+            save_checkpoint(path, state)
+
+    def load_state_dict(self, state: dict, rank: int = 0, world_size: int = 1) -> None:
+        """Restore a checkpoint dict (its model must be this model's architecture).
+
+        This run's hyper-parameters stay (optimiser settings, learning rate and schedule, so that a setting changed
+        on resume takes effect); the checkpoint gives the weights, the optimiser's moments, the schedule's position,
+        the scaler, the RNG states and the data position.
+        """
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        groups = self.optimizer.param_groups
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(groups, settings):
+            group.update(own)
+        position = {k: state["scheduler"][k] for k in ("last_epoch", "_step_count")}
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **position})
+        for group, base, factor in zip(groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in groups]
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.best_nme, self.best_epoch = state["best_nme"], state["best_epoch"]
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if len(rngs) == world_size else rngs[0])
+
+
+def gather_rng_states(world_size: int = 1) -> list:
+    """Every rank's rng_state(), in rank order (a collective under DDP)."""
+    states = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states[0] = rng_state()
+    return states
 
 
 def rng_state() -> dict:

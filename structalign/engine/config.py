@@ -14,15 +14,18 @@ from importlib import resources
 
 import yaml
 
+from structalign.errors import StructalignError
 
-class ConfigError(ValueError):
-    """A config file, key or value that cannot be used."""
+
+class ConfigError(StructalignError, ValueError):
+    """A config file, key or value that cannot be used (a ValueError too, for callers that catch that)."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "data/wflw"
-    format: str = "wflw"  # reader of structalign.data.open_dataset: wflw | 300w | cofw | coco | xml
+    format: str = "wflw"  # reader of structalign.data.open_dataset: wflw | 300w | cofw | coco | xml | list
+    scheme: str | None = None  # landmark scheme file (YAML) or shipped name; None = the format's (README "Schemes")
     train_split: str = "train"
     test_split: str = "test"
     val_fraction: float = 0.05  # carved from the train split; the test split is never used for model selection
@@ -31,6 +34,10 @@ class DataConfig:
     num_threads: int = 2  # loader worker threads/processes (reference: 0 = in the training process)
     balance: str | None = None  # None | pdb (pose-based data balancing)
     augment: dict | None = field(default_factory=dict)  # kwargs of structalign.data.AugmentConfig; null = off
+    on_error: str = "raise"  # raise | skip: a bad annotation or image stops the run, or is skipped and listed
+    crop_padding: float = 1.5  # crop side / face box side (structalign.data.CROP_PADDING; README "Data")
+    face_box: str = "annotation"  # annotation (the format's face box) | landmarks (the tight landmark box)
+    out_of_crop: str = "supervise"  # supervise | ignore: whether landmarks outside the crop are trained on
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class ModelConfig:
     bn_momentum: float = 0.1  # backbone BatchNorm (the paper's code used 0.01)
     fc_width: int = 256  # hidden width of the FC baseline
     backbone_weights: str | None = None
+    init_from: str | None = None  # fine-tune: start from this checkpoint's trained model (not a resume)
     op_backend: str | None = None  # None (global default) | auto | reference | cpp | triton
     init_mean_shape: bool = True  # start the learned shape prior at the training set's mean shape
 
@@ -71,6 +79,7 @@ class OptimConfig:
     gamma: float = 0.2
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    fused: bool = False  # one fused kernel updates all tensors (sgd, adam, adamw; lamb always runs foreach kernels)
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,12 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, fp16 with a GradScaler; CUDA only)
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
     ema_decay: float = 0.0  # 0 = no EMA of the weights
-    compile: bool = False
+    channels_last: bool = False  # NHWC weights and activations: the layout of cuDNN's fastest tensor-core kernels
+    cudnn_benchmark: bool = False  # cuDNN times its algorithms once per input shape (training shapes are fixed)
+    compile: bool = False  # torch.compile the whole model (fullgraph, custom ops included)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs: static shapes) | max-autotune
+    progress: bool = True  # tqdm progress bar on the main rank (when stderr is a terminal)
+    tensorboard: bool = True  # TensorBoard scalars beside log.jsonl (torch.utils.tensorboard)
 
 
 @dataclass(frozen=True)
@@ -104,9 +118,12 @@ class Config:
 
 
 CHOICES = {
-    "data.format": ("wflw", "300w", "cofw", "coco", "xml"),
+    "data.format": ("wflw", "300w", "cofw", "coco", "xml", "list"),
     "data.loader": ("dali", "reference"),
     "data.balance": (None, "pdb"),
+    "data.on_error": ("raise", "skip"),
+    "data.face_box": ("annotation", "landmarks"),
+    "data.out_of_crop": ("supervise", "ignore"),
     "model.arch": ("lgrn", "fc"),
     "model.adjacency": ("static", "dynamic"),
     "model.map_to_node": ("base", "multiscale"),
@@ -116,10 +133,11 @@ CHOICES = {
     "optim.schedule": ("multistep", "cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
 }
 POSITIVE = {"data.image_size", "model.head_width", "model.backbone_width", "model.bn_momentum", "model.fc_width",
             "optim.lr", "optim.base_batch_size", "train.epochs", "train.batch_size", "train.accumulate",
-            "train.eval_every", "train.eval_batch_size", "train.log_every"}
+            "train.eval_every", "train.eval_batch_size", "train.log_every", "data.crop_padding"}
 NON_NEGATIVE = {"data.num_threads", "model.num_blocks", "optim.momentum", "optim.weight_decay", "optim.grad_clip",
                 "optim.gamma", "optim.warmup_epochs", "optim.min_lr_ratio", "loss.relative_weight", "train.save_every",
                 "train.seed"}

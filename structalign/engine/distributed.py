@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from structalign.engine.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -25,7 +27,7 @@ class DistEnv:
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available (use train.device=auto or cpu)")
+        raise ConfigError("train.device=cuda but no CUDA device is available (use train.device=auto or cpu)")
     if requested in ("cuda", "auto") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -63,10 +65,3 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
-
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True when flag is True on any rank (so that all ranks take the same branch)."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
-    return bool(all_reduce_sum(t, env).item() > 0)

@@ -27,27 +27,37 @@ class LAMB(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # Multi-tensor (foreach) kernels: one launch per operation for all tensors of the group.
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t = state["step"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(p.grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                update = (exp_avg / (1 - beta1 ** t)) / ((exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
-                if p.ndim > 1:
-                    update.add_(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = p.norm(), update.norm()
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                    update.mul_(trust)
-                p.add_(update, alpha=-group["lr"])
+            states = [self.state[p] for p in params]
+            grads = [p.grad for p in params]
+            exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+            denom = torch._foreach_div(exp_avg_sq, [1 - beta2 ** s["step"] for s in states])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(exp_avg, [1 - beta1 ** s["step"] for s in states])
+            torch._foreach_div_(update, denom)
+            matrices = [i for i, p in enumerate(params) if p.ndim > 1]
+            if matrices:
+                weights, updates = [params[i] for i in matrices], [update[i] for i in matrices]
+                torch._foreach_add_(updates, weights, alpha=group["weight_decay"])
+                w_norm, u_norm = torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(updates))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(updates, list(trust.unbind()))
+            torch._foreach_add_(params, update, alpha=-group["lr"])
         return loss
 
 
@@ -57,14 +67,19 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """The optimiser named by cfg.name over model's trainable parameters, at learning rate lr."""
+    """The optimiser named by cfg.name over model's trainable parameters, at learning rate lr.
+
+    cfg.fused: torch's fused kernels for sgd/adam/adamw (CUDA and CPU; with them a GradScaler step needs no host
+    sync); otherwise torch picks its multi-tensor (foreach) kernels where the parameters allow. LAMB is always foreach.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = cfg.fused or None  # None: torch's default (foreach on CUDA)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "lamb":
         return LAMB(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     raise ValueError(f"optim.name: unknown optimiser {cfg.name!r}")

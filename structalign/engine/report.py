@@ -16,6 +16,8 @@ from structalign.engine.distributed import setup_distributed, teardown_distribut
 from structalign.engine.evaluate import EvalResult, evaluate
 from structalign.engine.train import autocast_for
 from structalign.engine.checkpoint import model_from_checkpoint
+from structalign.errors import InputError, MissingFileError
+from structalign.landmarks import resolve_scheme
 
 
 def draw_overlay(image_path: str, points: np.ndarray, out_path: str, reference: np.ndarray | None = None,
@@ -24,7 +26,7 @@ def draw_overlay(image_path: str, points: np.ndarray, out_path: str, reference: 
     try:
         image = Image.open(image_path).convert("RGB")
     except OSError as exc:
-        raise ValueError(f"cannot read image {image_path!r}: {exc}") from None
+        raise InputError(f"cannot read image {image_path!r}: {exc}") from None
     draw = ImageDraw.Draw(image)
     radius = max(1.0, max(image.size) / 200)
     if box is not None:
@@ -50,7 +52,7 @@ def write_report(result: EvalResult, dataset, out_dir: str, title: str, overlays
     errors are normalised by `norm`."""
     os.makedirs(out_dir, exist_ok=True)
     summary = result.summary()
-    subsets = metrics.subset_table(result.errors, result.attributes) if result.attributes is not None else None
+    subsets = _subsets(result, dataset)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump({"title": title, "norm": norm, "summary": summary, "subsets": _plain(subsets)}, f, indent=1)
     with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
@@ -91,19 +93,20 @@ def evaluate_checkpoint(checkpoint: str, root: str, fmt: str = "wflw", split: st
     """Evaluate a checkpoint on a split (all ranks under torchrun); rank 0 writes the report when out_dir is given.
     norm: the NME normaliser, "inter_ocular", "inter_pupil" (as COFW is usually reported) or "box"."""
     if norm not in NORM_TEXT:
-        raise ValueError(f"--norm must be one of {sorted(NORM_TEXT)}, got {norm!r}")
+        raise InputError(f"--norm must be one of {sorted(NORM_TEXT)}, got {norm!r}")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--data: {root!r} is not a directory")
+        raise MissingFileError(f"--data: {root!r} is not a directory")
     env = setup_distributed(device)
     try:
         model, state = model_from_checkpoint(checkpoint, weights=weights, device=env.device)
-        dataset = open_dataset(root, fmt=fmt, split=split)
-        if dataset.scheme.name != state["model_args"]["scheme"]:
-            raise ValueError(f"{root} ({fmt}, {split}) has {dataset.scheme.name} landmarks but the checkpoint's model "
-                             f"predicts {state['model_args']['scheme']}")
+        # The crop the model was trained with (checkpoints from before data.crop_padding: 1.25).
+        data_cfg = state["config"]["data"]
+        # The checkpoint's own scheme (it carries the content): the data must have its point count.
+        dataset = open_dataset(root, fmt=fmt, split=split, face_box=data_cfg.get("face_box", "annotation"),
+                               scheme=resolve_scheme(state["model_args"]["scheme"]))
         data = make_loader(dataset, batch_size, train=False, device=env.device,
                            image_size=state["model_args"]["image_size"], backend=loader, shard_id=env.rank,
-                           num_shards=env.world_size, drop_last=False)
+                           num_shards=env.world_size, drop_last=False, padding=data_cfg.get("crop_padding", 1.25))
         precision = state["config"]["train"]["precision"]
         result = evaluate(model, data, dataset, env, autocast_for(precision, env.device), norm=norm)
         title = f"{os.path.basename(os.path.normpath(root))} {split}"
@@ -112,6 +115,17 @@ def evaluate_checkpoint(checkpoint: str, root: str, fmt: str = "wflw", split: st
         return {"summary": result.summary()}
     finally:
         teardown_distributed(env)
+
+
+def _subsets(result: EvalResult, dataset):
+    """The per-subset table: WFLW's attribute subsets, or the subset tags the dataset's records carry; else None."""
+    if result.attributes is not None:
+        return metrics.subset_table(result.errors, result.attributes)
+    tags = dataset.tag_flags()
+    if tags is None:
+        return None
+    names, flags = tags
+    return metrics.subset_table(result.errors, flags, names=names)
 
 
 def _num(value) -> str:

@@ -106,14 +106,16 @@ def test_linear_lr_scaling_and_scheduler_state_round_trip():
     assert sched2.get_last_lr() == sched.get_last_lr() == [pytest.approx(0.16)]
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "lamb"])
-def test_optimisers_fit_a_linear_map(name):
+def test_optimisers_fit_a_linear_map(name, fused):
     torch.manual_seed(0)
     x = torch.randn(64, 4)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
     model = torch.nn.Linear(4, 1)
-    cfg = config_from_dict({"optim": {"name": name, "weight_decay": 0.0}}).optim
+    cfg = config_from_dict({"optim": {"name": name, "weight_decay": 0.0, "fused": fused}}).optim
     opt = build_optimizer(model, cfg, 0.05)
+    assert bool(opt.defaults.get("fused")) == (fused and name != "lamb")
     first = None
     for _ in range(200):
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -186,3 +188,60 @@ def test_checkpoint_load_refuses_pickled_code_and_bad_files(tmp_path):
         load_checkpoint(str(other))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_lamb_matches_the_per_tensor_formula():
+    """The multi-tensor LAMB step equals Adam moments + decoupled decay + trust ratio written per tensor."""
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))
+    opt = LAMB([w, b], lr=0.1, weight_decay=0.01)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    w.grad, b.grad = torch.randn(3, 4), torch.randn(4)
+    opt.step()
+    for p0, p, decay in ((w0, w, True), (b0, b, False)):
+        g = p.grad
+        update = (0.1 * g / 0.1) / ((0.001 * g * g / 0.001).sqrt() + 1e-6)
+        if decay:
+            update = update + 0.01 * p0
+            update = update * (p0.norm() / update.norm())
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * update)
+
+
+def test_config_error_is_a_user_error():
+    from structalign.errors import StructalignError
+
+    with pytest.raises(StructalignError):
+        load_config("demo", ["train.epochs=0"], check_data=False)
+
+
+@pytest.mark.parametrize("name", ["wflw_lgrn_r34", "300w_lgrn_r34", "cofw_lgrn_r34"])
+def test_gpu_recipes_set_the_gpu_defaults(name):
+    cfg = load_config(name, check_data=False)
+    assert (cfg.train.precision, cfg.train.channels_last, cfg.train.cudnn_benchmark) == ("bf16", True, True)
+    assert cfg.optim.fused and cfg.train.log_every >= 50
+
+
+def test_checkpoint_mode_follows_the_umask_and_stale_temporaries_go(tmp_path):
+    stale = tmp_path / ".tmp-abc123.pt"
+    stale.write_bytes(b"x" * 100)  # a save killed before its rename
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(str(tmp_path / "ck.pt"), {"model": {}, "model_args": {}, "config": {}})
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+    assert (tmp_path / "ck.pt").stat().st_mode & 0o777 == 0o644
+
+
+def test_checkpoint_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append((os.path.realpath(f"/proc/self/fd/{fd}"), os.path.isdir(f"/proc/self/fd/{fd}"),
+                       os.path.exists(tmp_path / "ck.pt")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_checkpoint(str(tmp_path / "ck.pt"), {"model": {}, "model_args": {}, "config": {}})
+    assert synced[-1] == (str(tmp_path.resolve()), True, True)  # the directory, after the rename

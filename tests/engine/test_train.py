@@ -1,17 +1,27 @@
-"""The training loop on CPU: exact resume after Ctrl-C, NaN stop, validation and best checkpoint, 2-process DDP."""
+"""The training loop on CPU: exact resume after Ctrl-C, no host sync between log steps, NaN stops, resume checks,
+validation and best checkpoint, TensorBoard, 2-process DDP (an interrupt on one rank only)."""
+import contextlib
+import io
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import socket
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
 
-from structalign.engine.checkpoint import load_checkpoint
+import structalign.engine.train as train_module
+from structalign.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from structalign.engine.config import ConfigError
-from structalign.engine.train import train
+from structalign.engine.train import NonFiniteLossError, train
+from structalign.errors import StructalignError
+from structalign.models.resnet import ResNet
 
 from engine_helpers import tiny_config
 
@@ -26,7 +36,7 @@ def test_interrupted_and_resumed_run_repeats_the_loss_sequence(synth_root, unint
     _, full = uninterrupted
     assert full["steps"] == 6 and len(full["losses"]) == 6
 
-    def ctrl_c_after_step_3(step, loss):
+    def ctrl_c_after_step_3(step):
         if step == 3:
             signal.raise_signal(signal.SIGINT)
 
@@ -57,13 +67,18 @@ def test_validation_log_and_best_checkpoint(uninterrupted):
     assert os.path.isfile(os.path.join(out, "config.yaml"))
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(synth_root, tmp_path):
+def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(synth_root, tmp_path):
+    """lr 1e30: the first update already makes the weights infinite while its loss was finite; the save after it
+    must refuse them."""
     cfg = tiny_config(synth_root, str(tmp_path), optim={"name": "sgd", "lr": 1e30, "grad_clip": 0.0,
                                                          "warmup_epochs": 0.0}, train={"save_every": 1})
-    with pytest.raises(FloatingPointError, match=r"non-finite loss \(\w+\) at step (\d+) .*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"(the weights became non-finite in step \d+|non-finite loss "
+                                                 r"\(\w+\) at step \d+) .*the run diverged") as info:
         train(cfg)
-    state = load_checkpoint(str(tmp_path / "last.pt"))
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert "\n" not in str(info.value)
+    if os.path.exists(tmp_path / "last.pt"):
+        state = load_checkpoint(str(tmp_path / "last.pt"))
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_bad_config_is_reported_before_training(synth_root, tmp_path):
@@ -88,20 +103,31 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+    def sigterm_on_rank_1(step):  # as a cluster scheduler may do to one process
+        if rank == 1 and step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
     # Two micro-batches of 4 per step exercise no_sync; 12 images per rank -> 3 batches, 2 steps per epoch.
-    cfg = tiny_config(root, out, train={"batch_size": 4, "accumulate": 2, "epochs": 1, "ema_decay": 0.0})
-    result = train(cfg)
+    cfg = tiny_config(root, out, train={"batch_size": 4, "accumulate": 2, "epochs": 2, "ema_decay": 0.0,
+                                        "log_every": 2})
+    with open(os.path.join(out, f"rank{rank}.log"), "w") as log, contextlib.redirect_stdout(log):
+        result = train(cfg, on_step=sigterm_on_rank_1)
     flat = torch.cat([p.detach().flatten() for p in result["model"].parameters()])
-    torch.save({"params": flat, "losses": result["losses"]}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save({"params": flat, "losses": result["losses"], "interrupted": result["interrupted"]},
+               os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_ddp_two_processes_keep_identical_parameters(synth_root, tmp_path):
+def test_ddp_two_processes_keep_identical_parameters_and_stop_together(synth_root, tmp_path):
+    """SIGTERM on rank 1 only, after step 1: the ranks exchange it at the next log step (2) and both stop there."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), synth_root, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert len(r0["losses"]) == 2 and all(math.isfinite(v) for v in r0["losses"])
-    assert r0["losses"] == r1["losses"]
+    assert r0["losses"] == r1["losses"] and r0["interrupted"] and r1["interrupted"]
     assert torch.equal(r0["params"], r1["params"])
     assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 2
+    assert "interrupt received on rank(s) [1] of 2: saving a checkpoint at step 2 and stopping" in \
+        (tmp_path / "rank0.log").read_text()
 
 
 @pytest.mark.gpu
@@ -112,3 +138,270 @@ def test_bf16_training_on_cuda_with_the_dali_loader(synth_root, tmp_path):
     result = train(cfg)
     assert len(result["losses"]) == 3 and all(math.isfinite(v) for v in result["losses"])
     assert next(result["model"].parameters()).is_cuda and result["val"][0]["val_nme"] > 0
+
+
+# ---- no host synchronisation inside the step ---------------------------------------------------------------------
+
+# Reading a tensor's value on the host: on a GPU each of these waits for the device.
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.nonzero, torch.Tensor.nonzero,
+              torch.masked_select, torch.Tensor.masked_select, torch.unique, torch.Tensor.unique}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts host reads of tensor values per training step. A step's window runs from the fetch of its batch to
+    the fetch of the next one (the loader's own work is not counted: it prepares batches on the host by design)."""
+
+    def __init__(self):
+        super().__init__()
+        self.window, self.fetching, self.reads = 0, False, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS and self.window and not self.fetching:
+            self.reads[self.window] = self.reads.get(self.window, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def watched_train_loader(monkeypatch, on_fetched):
+    """Wrap the training loader that train() makes: fetch() brackets each batch's fetch, on_fetched() follows it."""
+    make = train_module.make_loader
+
+    class Watched:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def epoch(self, epoch, start_batch=0):
+            batches = iter(self.inner.epoch(epoch, start_batch=start_batch))
+            while True:
+                batch = on_fetched(batches)
+                if batch is None:
+                    return
+                yield batch
+
+    monkeypatch.setattr(train_module, "make_loader",
+                        lambda *a, **k: Watched(make(*a, **k)) if k.get("train") else make(*a, **k))
+    yield
+
+
+def test_no_host_sync_inside_steps_between_log_steps(synth_root, tmp_path, monkeypatch):
+    """The host reads device values only at sync points: log steps (every 3rd here) and epoch ends (steps 4, 8)."""
+    cfg = tiny_config(synth_root, str(tmp_path), data={"val_fraction": 0.0},
+                      optim={"name": "sgd"},  # torch's unfused Adam reads its step counters (host tensors) with .item()
+                      train={"log_every": 3, "epochs": 2, "ema_decay": 0.9})
+    counter = HostReads()
+
+    def fetch(batches):
+        counter.fetching = True
+        batch = next(batches, None)
+        counter.fetching = False
+        counter.window += batch is not None
+        return batch
+
+    with watched_train_loader(monkeypatch, fetch), counter:
+        result = train(cfg)
+    assert result["steps"] == 8 and counter.window == 8
+    sync_steps = {3, 4, 6, 8}
+    assert {step for step in counter.reads if step not in sync_steps} == set(), counter.reads
+    assert set(counter.reads) == sync_steps  # the check sees the reads where they belong
+    assert len(result["losses"]) == 8 and all(math.isfinite(v) for v in result["losses"])
+
+
+@pytest.mark.gpu
+def test_no_cuda_sync_inside_steps_between_log_steps(synth_root, tmp_path, monkeypatch):
+    """On CUDA: torch.cuda.set_sync_debug_mode("error") raises on any synchronising call inside non-log steps."""
+    cfg = tiny_config(synth_root, str(tmp_path), data={"val_fraction": 0.0},
+                      optim={"fused": True}, train={"device": "cuda", "precision": "bf16", "log_every": 3,
+                                                    "epochs": 2, "ema_decay": 0.9, "progress": False})
+    steps = {"fetched": 0}
+
+    def fetch(batches):
+        torch.cuda.set_sync_debug_mode("default")
+        batch = next(batches, None)
+        if batch is not None:
+            batch.images, batch.landmarks = batch.images.cuda(), batch.landmarks.cuda()
+            torch.cuda.synchronize()
+            steps["fetched"] += 1
+            # Steps 3, 4, 6, 8 end in a sync point (they read their losses); step 1 fills lazy per-device caches
+            # (graph indices copied to the GPU once).
+            if steps["fetched"] not in (1, 3, 4, 6, 8):
+                torch.cuda.set_sync_debug_mode("error")
+        return batch
+
+    try:
+        with watched_train_loader(monkeypatch, fetch):
+            result = train(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result["steps"] == 8 and all(math.isfinite(v) for v in result["losses"])
+
+
+# ---- non-finite values --------------------------------------------------------------------------------------------
+
+def test_first_non_finite_step_is_named_and_the_last_good_checkpoint_kept(synth_root, tmp_path, monkeypatch):
+    """Weights poisoned after step 4: step 5 is the first non-finite loss; the run reads its losses only at the end
+    of epoch 1 (step 6) and must still name step 5; last.pt stays the one of step 3 (end of epoch 0)."""
+    cfg = tiny_config(synth_root, str(tmp_path), train={"log_every": 100})
+
+    def poison(step):
+        if step == 4:
+            with torch.no_grad():
+                next(iter(model_params)).fill_(float("nan"))
+
+    model_params = []
+    original = train_module.build_model
+
+    def build(*args, **kwargs):
+        model = original(*args, **kwargs)
+        model_params.extend(model.parameters())
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5 \(epoch 1, batch 1\).*"
+                                                 r"last good checkpoint is .*last.pt"):
+        train(cfg, on_step=poison)
+    state = load_checkpoint(str(tmp_path / "last.pt"))
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nan_in_a_batch_is_one_line_naming_the_step(synth_root, tmp_path, monkeypatch):
+    cfg = tiny_config(synth_root, str(tmp_path), train={"log_every": 100})
+    fetched = {"n": 0}
+
+    def fetch(batches):
+        batch = next(batches, None)
+        fetched["n"] += 1
+        if batch is not None and fetched["n"] == 2:
+            batch.landmarks[0, 5, 1] = float("nan")
+        return batch
+
+    with watched_train_loader(monkeypatch, fetch):
+        with pytest.raises(NonFiniteLossError, match=r"a training batch holds NaN or infinite images or landmarks "
+                                                     r"at step 2 \(epoch 0, batch 1\)") as info:
+            train(cfg)
+    assert "\n" not in str(info.value) and isinstance(info.value, StructalignError)
+
+
+# ---- resume -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(synth_root, tmp_path_factory):
+    """A finished 2-epoch run that also kept a copy of its mid-epoch checkpoint of step 4 (save_every=1)."""
+    out = tmp_path_factory.mktemp("finished")
+
+    def keep_step_4(step):
+        if step == 5:  # last.pt holds step 4 until step 5 is saved
+            shutil.copy(out / "last.pt", out / "step4.pt")
+
+    result = train(tiny_config(synth_root, str(out), train={"save_every": 1}), on_step=keep_step_4)
+    assert load_checkpoint(str(out / "step4.pt"))["step"] == 4
+    return out, result
+
+
+def _copy_run(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    return run
+
+
+def test_resume_keeps_each_step_once_in_the_log_and_removes_stale_temporaries(synth_root, finished_run, tmp_path):
+    finished, full = finished_run
+    run = _copy_run(finished, tmp_path)
+    (run / ".tmp-killed.pt").write_bytes(b"x" * 1000)  # left by a save that was killed
+    before = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["step"] for r in before if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    second = train(tiny_config(synth_root, str(run), train={"save_every": 1}), resume=str(run / "step4.pt"))
+    assert second["losses"] == full["losses"][4:]
+    records = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in records if "val_nme" in r] == [0, 1]
+    assert not list(run.glob(".tmp-*"))
+
+
+def test_resume_with_another_op_backend_and_without_the_backbone_weights_file(synth_root, tmp_path):
+    weights = tmp_path / "backbone.pt"
+    torch.save(ResNet("resnet18", 8).state_dict(), weights)
+    out = tmp_path / "run"
+    cfg = tiny_config(synth_root, str(out), model={"backbone_weights": str(weights)}, train={"epochs": 1})
+    train(cfg)
+    weights.unlink()
+    model, state = model_from_checkpoint(str(out / "last.pt"), op_backend="reference")
+    assert "backbone_weights" not in state["model_args"] and "op_backend" not in state["model_args"]
+    resumed = tiny_config(synth_root, str(out), model={"backbone_weights": str(weights), "op_backend": "reference"},
+                          train={"epochs": 2})
+    assert train(resumed, resume=str(out / "last.pt"))["steps"] == 6
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train": {"batch_size": 4}}, r"train.batch_size changed from 8 to 4, but the checkpoint's data position "
+                                   r"\(epoch 2, batch 0\) depends on it"),
+    ({"train": {"seed": 1}}, r"train.seed changed from 0 to 1"),
+    ({"model": {"head_width": 32}}, r"the checkpoint holds a different model \(head_width 16 -> 32\)"),
+])
+def test_resume_that_cannot_continue_is_one_line_and_leaves_the_run_folder(synth_root, finished_run, tmp_path,
+                                                                           changes, message):
+    finished, _ = finished_run
+    run = _copy_run(finished, tmp_path)
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    cfg = tiny_config(synth_root, str(run), **{k: {**v} for k, v in changes.items()})
+    with pytest.raises(ConfigError) as info:
+        train(cfg, resume=str(run / "last.pt"))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files  # config.yaml and log.jsonl untouched
+    assert re.search(message, str(info.value)) and "\n" not in str(info.value)
+
+
+def test_resume_with_a_new_lr_warns_and_uses_it(synth_root, finished_run, tmp_path, capsys):
+    finished, _ = finished_run
+    run = _copy_run(finished, tmp_path)
+    cfg = tiny_config(synth_root, str(run), optim={"lr": 4e-3, "schedule": "constant", "warmup_epochs": 0.0},
+                      train={"epochs": 3})
+    result = train(cfg, resume=str(run / "step4.pt"))
+    out = capsys.readouterr().out
+    assert "resume: optim.lr changed from 0.002 to 0.004 (this run's value is used)" in out
+    assert "resume: train.epochs changed from 2 to 3" in out and "resume: optim.schedule changed from 'cosine'" in out
+    assert result["steps"] == 9
+    state = load_checkpoint(str(run / "last.pt"))
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(4e-3)]
+
+
+# ---- what users see ---------------------------------------------------------------------------------------------
+
+def test_tensorboard_scalars_beside_the_log(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, full = uninterrupted
+    events = EventAccumulator(out)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait", "val/nme", "val/fr", "val/auc"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(full["losses"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(synth_root, uninterrupted, tmp_path):
+    """train.compile=true: the whole model under torch.compile(fullgraph=True), the custom ops included."""
+    _, eager = uninterrupted
+    result = train(tiny_config(synth_root, str(tmp_path), train={"compile": True, "epochs": 1}))
+    assert result["losses"] == pytest.approx(eager["losses"][:3], rel=1e-3)
+
+
+def test_progress_bar_on_a_terminal_shows_rate_and_loss(synth_root, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train(tiny_config(synth_root, str(tmp_path), data={"val_fraction": 0.0}, train={"epochs": 1, "log_every": 2}))
+    text = terminal.getvalue()
+    assert "4/4" in text and re.search(r"step/s|s/step", text) and "loss=" in text and "img_s=" in text
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train(tiny_config(synth_root, str(tmp_path / "quiet"), data={"val_fraction": 0.0},
+                      train={"epochs": 1, "progress": False}))
+    assert terminal.getvalue() == ""
