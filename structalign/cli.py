@@ -1,19 +1,21 @@
 """The `structalign` command.
 
-    structalign train CONFIG [section.key=value ...] [--resume CKPT]    (also under torchrun --nproc_per_node=N)
+    structalign train CONFIG [section.key=value ...] [--resume CKPT|auto]    (also under torchrun --nproc_per_node=N)
     structalign eval CKPT --data ROOT [--format wflw] [--split test] [--norm inter_ocular] [--out DIR]
-    structalign predict CKPT IMAGE... [--boxes FILE] [--out DIR]
-    structalign export CKPT model.onnx
+    structalign predict CKPT|MODEL.onnx IMAGE|FOLDER|VIDEO... [--out DIR|OUT.mp4] [--boxes FILE] [--flip-test]
+    structalign export CKPT model.onnx [--input crops]
     structalign demo [--data data/synth-demo] [--out runs/demo]
-    structalign data check ROOT | data synth OUT
+    structalign data check ROOT | data scheme ROOT --format list --name NAME --out FILE.yaml | data synth OUT
 """
 import argparse
-import json
 import os
 import sys
 
-# What a user can get wrong (config, paths, files, values): reported as one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+from structalign.errors import StructalignError
+
+# What a user can get wrong (config, paths, files, values, a run that diverged): the project's own error types,
+# reported as one line. Every other exception is a bug and keeps its traceback.
+USER_ERRORS = (StructalignError,)
 
 
 def _train(args) -> int:
@@ -21,7 +23,12 @@ def _train(args) -> int:
     from structalign.engine.train import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    resume = args.resume
+    if resume == "auto":  # continue the run in train.out_dir where it has a checkpoint, else start it
+        last = os.path.join(cfg.train.out_dir, "last.pt")
+        resume = last if os.path.isfile(last) else None
+        print(f"--resume auto: {'continuing from ' + last if resume else 'no ' + last + ' yet, starting the run'}")
+    result = train(cfg, resume=resume)
     if result["best_nme"] is not None:
         print(f"best validation NME {result['best_nme']:.3f}% (epoch {result['best_epoch']}): "
               f"{result['best_checkpoint']}")
@@ -43,55 +50,42 @@ def _eval(args) -> int:
     return 0
 
 
-def read_boxes(path: str, count: int) -> list:
-    """Face boxes from a text file: one line `x0 y0 x1 y1` per image, in the order the images were given."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--boxes: {path!r} does not exist")
-    boxes = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            try:
-                box = [float(v) for v in fields]
-            except ValueError:
-                box = []
-            if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
-                raise ValueError(f"{path}, line {number}: expected `x0 y0 x1 y1` with x1 > x0 and y1 > y0, "
-                                 f"got {line.strip()!r}")
-            boxes.append(box)
-    if len(boxes) != count:
-        raise ValueError(f"{path}: {len(boxes)} boxes for {count} images (one line per image, in order)")
-    return boxes
-
-
 def _predict(args) -> int:
-    from structalign.engine.report import draw_overlay
-    from structalign.predictor import Predictor
+    from structalign.inference.batch import predict_files
+    from structalign.inference.detector import BoxCalibration
 
-    boxes = read_boxes(args.boxes, len(args.images)) if args.boxes else None
-    predictor = Predictor(args.checkpoint, device=args.device, weights=args.weights)
-    points = predictor.predict(args.images, boxes=boxes)
-    os.makedirs(args.out, exist_ok=True)
-    records = []
-    for i, path in enumerate(args.images):
-        box = boxes[i] if boxes else None
-        stem = os.path.splitext(os.path.basename(path))[0]
-        overlay = draw_overlay(path, points[i], os.path.join(args.out, f"{i:04d}_{stem}.png"), box=box)
-        records.append({"image": path, "box": box, "landmarks": points[i].round(3).tolist(), "overlay": overlay})
-    out_json = os.path.join(args.out, "landmarks.json")
-    with open(out_json, "w") as f:
-        json.dump({"scheme": predictor.scheme.name, "convention": "image pixels, pixel centres at integers",
-                   "faces": records}, f)
-    print(f"{len(records)} image(s): landmarks in {out_json}, overlays in {args.out}")
-    return 0
+    options = dict(detector=None if args.detector == "none" else args.detector, flip_test=args.flip_test,
+                   batch_size=args.batch_size,
+                   calibration=BoxCalibration(*args.box_calibration) if args.box_calibration else None)
+    if args.model.endswith(".onnx"):
+        from structalign.inference.onnx_predictor import OnnxPredictor
+
+        predictor = OnnxPredictor(args.model, threads=args.threads, **options)
+    else:
+        from structalign.inference.predictor import Predictor
+
+        predictor = Predictor(args.model, device=args.device, weights=args.weights, **options)
+    video_filter = dict(min_cutoff=args.filter_min_cutoff, beta=args.filter_beta, d_cutoff=args.filter_d_cutoff)
+    report = predict_files(predictor, args.inputs, args.out, boxes_file=args.boxes, overlays=not args.no_overlays,
+                           video_filter=video_filter)
+    print(f"{report.images} image(s) or frame(s), {report.faces} face(s); wrote "
+          + (", ".join(report.written) or "nothing"))
+    if report.failures:
+        print(f"{len(report.failures)} input(s) skipped:", file=sys.stderr)
+        for message in report.failures:
+            print(f"  {message}", file=sys.stderr)
+    return 1 if report.failures else 0
 
 
 def _export(args) -> int:
     from structalign.export import export_onnx
 
-    print(f"wrote {export_onnx(args.checkpoint, args.output, weights=args.weights, opset=args.opset)}")
+    written = export_onnx(args.checkpoint, args.output, weights=args.weights, opset=args.opset,
+                          input_kind=args.input)
+    sizes = ", ".join(f"{path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)" for path in written)
+    kind = "one self-contained file" if len(written) == 1 else "graph + external weights (over 2 GB)"
+    graph_input = "uint8 RGB crops [B, S, S, 3]" if args.input == "crops" else "normalised float32 [B, 3, S, S]"
+    print(f"wrote {sizes}: {kind}; input {graph_input}, output landmarks [B, N, 2] in crop pixels")
     return 0
 
 
@@ -110,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a config (YAML/TOML file or a shipped config name)")
     p.add_argument("config", help="config file, or a shipped name: wflw_lgrn_r34, 300w_lgrn_r34, cofw_lgrn_r34, demo")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr=0.02 train.epochs=10")
-    p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint (e.g. OUT_DIR/last.pt)")
+    p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint (e.g. OUT_DIR/last.pt); "
+                   "auto: from train.out_dir/last.pt where it exists, else start the run")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("eval", help="NME, FR, AUC, per-subset table, CED plot and per-image CSV of a checkpoint")
@@ -127,19 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NME normaliser (default inter_ocular; COFW is usually reported inter_pupil)")
     p.set_defaults(run=_eval)
 
-    p = sub.add_parser("predict", help="landmarks (JSON) and overlays (PNG) for images")
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--boxes", metavar="FILE", help="face boxes, one line `x0 y0 x1 y1` per image in order; "
-                   "WITHOUT IT THE WHOLE IMAGE IS TAKEN AS THE FACE BOX (fine for face crops, not for photos)")
-    p.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
+    p = sub.add_parser("predict", help="landmarks (JSON, CSV) and overlays for images, folders and videos")
+    p.add_argument("model", help="a checkpoint (.pt) or an exported graph (.onnx, run in ONNX Runtime)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) and videos")
+    p.add_argument("--out", default="predictions", help="output folder (default ./predictions); for one video, "
+                   "may be the overlay video's path (out.mp4, with out.json and out.csv beside it)")
+    p.add_argument("--boxes", metavar="FILE", help="face boxes instead of detection: one line per image (folders "
+                   "expanded in sorted order), `x0 y0 x1 y1` per face")
+    p.add_argument("--detector", default="haar", choices=("haar", "none"),
+                   help="face detector (default: OpenCV's Haar cascade); none = the whole image is the face box")
+    p.add_argument("--box-calibration", nargs=3, type=float, metavar=("SCALE", "SHIFT_X", "SHIFT_Y"),
+                   help="detector box -> training face box (default: measured for the landmark-box convention; "
+                   "see benchmarks/detector_calibration.py)")
+    p.add_argument("--flip-test", action="store_true", help="average with the prediction on the mirrored crop")
+    p.add_argument("--no-overlays", action="store_true", help="write no overlay pictures for images")
+    p.add_argument("--batch-size", type=int, default=32, help="faces per forward pass")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)")
+    p.add_argument("--filter-min-cutoff", type=float, default=1.0, help="video: One-Euro cutoff at rest, Hz "
+                   "(lower = smoother)")
+    p.add_argument("--filter-beta", type=float, default=0.05, help="video: One-Euro speed coefficient (higher = "
+                   "less lag)")
+    p.add_argument("--filter-d-cutoff", type=float, default=1.0, help="video: One-Euro speed cutoff, Hz")
     p.set_defaults(run=_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint's model to ONNX (dynamic batch)")
+    p = sub.add_parser("export", help="export a checkpoint's model to ONNX (dynamic batch, one self-contained file)")
     p.add_argument("checkpoint")
     p.add_argument("output", help="path of the .onnx file")
+    p.add_argument("--input", default="normalised", choices=("normalised", "crops"),
+                   help="graph input: normalised float32 [B, 3, S, S] (default) or uint8 RGB crops [B, S, S, 3] "
+                   "with the normalisation in the graph")
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
     p.add_argument("--opset", type=int, default=18)
     p.set_defaults(run=_export)

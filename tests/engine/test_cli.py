@@ -48,13 +48,14 @@ def test_predictor_matches_evaluation(checkpoint, synth_root):
     loader = make_loader(test, 4, train=False, device="cpu", image_size=64, backend="reference", num_threads=0)
     expected = evaluate(model, loader, test, env, nullcontext).predictions
     predictor = structalign.Predictor(checkpoint, device="cpu", batch_size=3)
-    points = predictor.predict([r.image_path for r in test.records], boxes=[r.box for r in test.records])
-    assert points.shape == (8, 98, 2)
+    results = predictor.predict([r.image_path for r in test.records], boxes=[r.box for r in test.records])
+    points = np.stack([r.faces[0].landmarks for r in results])
+    assert points.shape == (8, 98, 2) and all(len(r.faces) == 1 for r in results)
     np.testing.assert_allclose(points, expected, atol=1e-3)
-    with pytest.raises(ValueError, match=r"boxes\[0\]: expected x0, y0, x1, y1"):
+    with pytest.raises(ValueError, match=r"box \[10.0, 10.0, 5.0, 20.0\]: expected x0, y0, x1, y1"):
         predictor.predict([test[0].image_path], boxes=[[10, 10, 5, 20]])
-    with pytest.raises(ValueError, match=r"images\[0\]: cannot read"):
-        predictor.predict([synth_root])
+    with pytest.raises(ValueError, match=r"test_cli.py: cannot read image"):
+        predictor.predict([__file__])
 
 
 def test_predict_command_writes_landmarks_and_overlays(checkpoint, synth_root, tmp_path):
@@ -64,16 +65,24 @@ def test_predict_command_writes_landmarks_and_overlays(checkpoint, synth_root, t
     boxes.write_text("".join(" ".join(f"{v:.1f}" for v in test[i].box) + "\n" for i in range(2)))
     out = tmp_path / "pred"
     assert main(["predict", checkpoint, *images, "--boxes", str(boxes), "--out", str(out)]) == 0
-    faces = json.loads((out / "landmarks.json").read_text())["faces"]
-    assert len(faces) == 2 and np.asarray(faces[1]["landmarks"]).shape == (98, 2)
-    assert all(os.path.isfile(f["overlay"]) for f in faces)
-    assert main(["predict", checkpoint, images[0], "--out", str(out)]) == 0  # whole image as the face box
+    written = json.loads((out / "landmarks.json").read_text())
+    assert written["scheme"] == "wflw98" and [i["source"] for i in written["images"]] == images
+    faces = [i["faces"] for i in written["images"]]
+    assert [len(f) for f in faces] == [1, 1] and np.asarray(faces[1][0]["landmarks"]).shape == (98, 2)
+    np.testing.assert_allclose(faces[0][0]["box"], test[0].box, atol=0.05)
+    assert faces[0][0]["score"] is None  # a given box has no detector score
+    assert len((out / "landmarks.csv").read_text().splitlines()) == 1 + 2
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:04d}_{os.path.splitext(os.path.basename(p))[0]}.png"
+                                                         for i, p in enumerate(images)]
+    assert main(["predict", checkpoint, images[0], "--out", str(out), "--detector", "none"]) == 0  # whole image
 
 
-def test_export_matches_pytorch_in_onnxruntime(checkpoint, tmp_path):
+def test_export_matches_pytorch_in_onnxruntime(checkpoint, tmp_path, caplog):
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "model.onnx"
     assert main(["export", checkpoint, str(path)]) == 0
+    assert os.listdir(tmp_path) == ["model.onnx"]  # weights inline: the file is the whole model
+    assert not [r for r in caplog.records if "Evaluation failed" in r.getMessage()]  # no spurious export messages
     model, _ = model_from_checkpoint(checkpoint, op_backend="reference")
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
@@ -107,6 +116,34 @@ def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line(synth_root, tmp_path, capsys):
+    assert main(["train", "demo", f"data.root={synth_root}", f"train.out_dir={tmp_path}", "train.device=cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "train.device=cuda but no CUDA device is available" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.image_size=100", "model: image_size must be a multiple of 32"),
+    ("model.backbone_weights=/nonexistent/r18.pt", "model: backbone_weights file '/nonexistent/r18.pt' does not exist"),
+])
+def test_model_mistakes_are_one_line_and_write_nothing(synth_root, tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert main(["train", "demo", f"data.root={synth_root}", f"train.out_dir={out}", "train.batch_size=8",
+                 override]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()
+
+
+def test_out_dir_that_is_a_file_is_one_line(synth_root, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main(["train", "demo", f"data.root={synth_root}", f"train.out_dir={taken}"]) == 1
+    err = capsys.readouterr().err
+    assert f"train.out_dir: '{taken}' exists and is not a directory" in err and "Traceback" not in err
 
 
 def test_malformed_boxes_file_names_the_line(checkpoint, synth_root, tmp_path, capsys):

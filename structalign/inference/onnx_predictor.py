@@ -1,0 +1,76 @@
+"""The ONNX Runtime predictor: an exported graph (structalign export) behind the shared inference steps, with numpy,
+PIL, OpenCV and onnxruntime only (no torch import).
+
+    from structalign.inference.onnx_predictor import OnnxPredictor
+    predictor = OnnxPredictor("model.onnx")                     # built-in face detector
+    faces = predictor.predict("photo.jpg")[0].faces
+
+The graph's metadata (written by structalign/export.py) gives the landmark scheme, the crop size and padding, and
+whether the normalisation is in the graph (input "crops") or done here (input "normalised").
+"""
+import json
+import os
+
+import numpy as np
+
+from structalign.errors import InputError, MissingFileError
+from structalign.inference.pipeline import LandmarkPipeline, model_scheme
+
+INPUT_KINDS = ("normalised", "crops")
+_PREFIX = "structalign."
+
+
+def write_metadata(props: dict, scheme: str, image_size: int, padding: float, input_kind: str, num_points: int,
+                   mean, std) -> None:
+    """Fill an ONNX model's metadata_props (a str -> str dict) with what OnnxPredictor reads. scheme: the landmark
+    scheme's content (LandmarkScheme.to_dict()) or a shipped name; mean, std: the data pipeline's normalisation
+    (structalign.data.NORM_MEAN / NORM_STD), stored so that this module needs no torch."""
+    values = {"scheme": scheme, "image_size": image_size, "crop_padding": padding, "input": input_kind,
+              "num_points": num_points, "norm_mean": list(mean), "norm_std": list(std)}
+    props.update({_PREFIX + k: json.dumps(v) for k, v in values.items()})
+
+
+class OnnxPredictor(LandmarkPipeline):
+    """An exported structalign graph in ONNX Runtime.
+
+    path: the .onnx file; detector, calibration, flip_test, batch_size: as in structalign.Predictor; threads: ONNX
+    Runtime intra-op threads (0 = its default); providers: ONNX Runtime execution providers (default CPU).
+    """
+
+    def __init__(self, path: str, detector="haar", flip_test: bool = False, batch_size: int = 32, threads: int = 0,
+                 providers=("CPUExecutionProvider",), calibration=None):
+        import onnxruntime as ort
+
+        if not os.path.isfile(path):
+            raise MissingFileError(f"ONNX model {path!r} does not exist")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(path, options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid files
+            raise InputError(f"ONNX model {path!r} cannot be loaded: {exc}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in ("image_size", "crop_padding", "input", "num_points") if _PREFIX + k not in meta]
+        if missing:
+            raise InputError(f"ONNX model {path!r} was not written by `structalign export` (metadata {missing} "
+                             "missing)")
+        values = {k[len(_PREFIX):]: json.loads(v) for k, v in meta.items() if k.startswith(_PREFIX)}
+        self.scheme, self.num_points = model_scheme(values.get("scheme")), int(values["num_points"])
+        self.image_size, self.padding = int(values["image_size"]), float(values["crop_padding"])
+        self.input_kind = values["input"]
+        if self.input_kind not in INPUT_KINDS:
+            raise InputError(f"ONNX model {path!r}: unknown input kind {self.input_kind!r}")
+        self._mean = np.asarray(values["norm_mean"], np.float32)
+        self._std = np.asarray(values["norm_std"], np.float32)
+        self._input = self.session.get_inputs()[0].name
+        self._setup(detector, flip_test, batch_size, calibration)
+
+    def _forward(self, crops: np.ndarray) -> np.ndarray:
+        """crops (uint8[B, S, S, 3]) -> landmarks (float32[B, N, 2], crop pixels)."""
+        if self.input_kind == "normalised":
+            images = ((crops.astype(np.float32) - self._mean) / self._std).transpose(0, 3, 1, 2)
+            feed = np.ascontiguousarray(images)
+        else:
+            feed = np.ascontiguousarray(crops)
+        (points,) = self.session.run(["landmarks"], {self._input: feed})
+        return points

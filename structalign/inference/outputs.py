@@ -1,0 +1,64 @@
+"""What `structalign predict` writes: landmarks as JSON and CSV (one row per face), and overlay pictures.
+
+JSON: {"scheme", "convention", "images": [{"source", "frame", "width", "height", "error", "faces": [{"box",
+"score", "landmarks", "track"?}]}]}. CSV: source, frame, face, track, box_x0, box_y0, box_x1, box_y1, score, then
+x<i>, y<i> per point; an image with no face or an error has no row (the JSON lists it). Coordinates: image pixels,
+pixel centres at integers.
+"""
+import csv
+import json
+
+import cv2
+import numpy as np
+
+CONVENTION = "image pixels, pixel centres at integers; box x0 y0 x1 y1"
+BOX_COLOUR = (255, 220, 0)
+POINT_COLOUR = (255, 40, 40)
+
+
+def result_dict(result) -> dict:
+    """One ImageLandmarks as JSON-ready values."""
+    faces = []
+    for face in result.faces:
+        entry = {"box": np.round(face.box, 3).tolist(), "score": face.score,
+                 "landmarks": np.round(face.landmarks.astype(np.float64), 3).tolist()}
+        if getattr(face, "track", None) is not None:
+            entry["track"] = face.track
+        faces.append(entry)
+    return {"source": result.source, "frame": result.frame, "width": result.size[0], "height": result.size[1],
+            "error": result.error, "faces": faces}
+
+
+def write_json(path: str, results, scheme_name: str) -> str:
+    with open(path, "w") as f:
+        json.dump({"scheme": scheme_name, "convention": CONVENTION,
+                   "images": [result_dict(r) for r in results]}, f)
+    return path
+
+
+def write_csv(path: str, results, num_points: int) -> str:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["source", "frame", "face", "track", "box_x0", "box_y0", "box_x1", "box_y1", "score"]
+                        + [f"{axis}{i}" for i in range(num_points) for axis in ("x", "y")])
+        for result in results:
+            for k, face in enumerate(result.faces):
+                writer.writerow([result.source, "" if result.frame is None else result.frame, k,
+                                 "" if getattr(face, "track", None) is None else face.track]
+                                + [f"{v:.3f}" for v in face.box] + ["" if face.score is None else f"{face.score:.4f}"]
+                                + [f"{v:.3f}" for v in face.landmarks.ravel()])
+    return path
+
+
+def draw_faces(rgb: np.ndarray, faces) -> np.ndarray:
+    """A copy of rgb (uint8[H, W, 3]) with each face's box in yellow and landmarks in red."""
+    out = np.ascontiguousarray(rgb).copy()
+    radius = max(1, int(round(max(out.shape[:2]) / 200)))
+    for face in faces:
+        # cv2 draws on integer pixel centres, the coordinates' convention; shift=4 keeps 1/16 px precision.
+        x0, y0, x1, y1 = (int(round(v * 16)) for v in face.box)
+        cv2.rectangle(out, (x0, y0), (x1, y1), BOX_COLOUR, max(1, radius // 2), cv2.LINE_AA, shift=4)
+        for x, y in np.asarray(face.landmarks, np.float64):
+            cv2.circle(out, (int(round(x * 16)), int(round(y * 16))), radius * 16, POINT_COLOUR, -1, cv2.LINE_AA,
+                       shift=4)
+    return out

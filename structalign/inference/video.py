@@ -1,0 +1,156 @@
+"""Landmarks on a video: frame-by-frame detection and prediction, faces followed across frames, a One-Euro filter
+per face against jitter, an overlay video and per-frame results (OpenCV VideoCapture / VideoWriter).
+
+    structalign predict CKPT clip.mp4 --out clip_landmarks.mp4 [--filter-min-cutoff 1 --filter-beta 0.05]
+    .venv/bin/python -m pytest -q tests/inference/test_video.py
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from structalign.errors import InputError, MissingFileError
+from structalign.inference.outputs import draw_faces
+from structalign.inference.pipeline import FaceLandmarks, ImageLandmarks, NoFaceError
+
+
+class UnreadableVideoError(InputError):
+    """A video that cannot be opened or decoded, or that has no frame."""
+
+
+class OneEuroFilter:
+    """The One-Euro filter (Casiez, Roussel, Vogel, CHI 2012) over an array of values, each filtered on its own.
+
+    min_cutoff (Hz): smoothing at rest (lower = smoother, more lag); beta: how fast the cutoff rises with speed
+    (higher = less lag on fast moves); d_cutoff (Hz): smoothing of the speed estimate.
+    """
+
+    def __init__(self, min_cutoff: float = 1.0, beta: float = 0.05, d_cutoff: float = 1.0):
+        for name, value in (("min_cutoff", min_cutoff), ("d_cutoff", d_cutoff)):
+            if not value > 0:
+                raise InputError(f"One-Euro filter {name} must be > 0 Hz, got {value}")
+        if beta < 0:
+            raise InputError(f"One-Euro filter beta must be >= 0, got {beta}")
+        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
+        self.value: Optional[np.ndarray] = None
+        self.speed: Optional[np.ndarray] = None
+
+    @staticmethod
+    def _alpha(cutoff, dt: float):
+        tau = 1.0 / (2 * np.pi * cutoff)
+        return 1.0 / (1.0 + tau / dt)
+
+    def __call__(self, value: np.ndarray, dt: float) -> np.ndarray:
+        """The filtered value (float64, value's shape) of a new sample dt seconds after the previous one."""
+        value = np.asarray(value, np.float64)
+        if self.value is None:
+            self.value, self.speed = value.copy(), np.zeros_like(value)
+            return self.value.copy()
+        speed = (value - self.value) / dt
+        a = self._alpha(self.d_cutoff, dt)
+        self.speed = a * speed + (1 - a) * self.speed
+        a = self._alpha(self.min_cutoff + self.beta * np.abs(self.speed), dt)
+        self.value = a * value + (1 - a) * self.value
+        return self.value.copy()
+
+
+@dataclass
+class TrackedFace(FaceLandmarks):
+    """A face of a video frame with the id of its track (the same face in consecutive frames)."""
+
+    track: int = 0
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union (float64[K, M]) of boxes a (float[K, 4]) and b (float[M, 4])."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+class FaceTracks:
+    """Faces followed across frames by box overlap (greedy, IoU >= min_iou), each track with its own filter;
+    a track not seen in a frame ends (a face that comes back starts a new one)."""
+
+    def __init__(self, min_cutoff: float, beta: float, d_cutoff: float, min_iou: float = 0.3):
+        OneEuroFilter(min_cutoff, beta, d_cutoff)  # checks the parameters once, before any frame is read
+        self.params, self.min_iou = (min_cutoff, beta, d_cutoff), min_iou
+        self.boxes, self.ids, self.filters, self.next_id = np.zeros((0, 4)), [], [], 0
+
+    def update(self, faces: list, dt: float) -> list:
+        """TrackedFace per face of the new frame, landmarks filtered along their track."""
+        boxes = np.array([f.box for f in faces], np.float64).reshape(-1, 4)
+        iou = box_iou(boxes, self.boxes) if len(boxes) and len(self.boxes) else np.zeros((len(boxes), 0))
+        match = {}
+        for flat in np.argsort(-iou, axis=None):
+            i, j = np.unravel_index(flat, iou.shape)
+            if iou[i, j] < self.min_iou:
+                break
+            if i not in match and j not in match.values():
+                match[i] = j
+        ids, filters, tracked = [], [], []
+        for i, face in enumerate(faces):
+            if i in match:
+                track, smoother = self.ids[match[i]], self.filters[match[i]]
+            else:
+                track, smoother = self.next_id, OneEuroFilter(*self.params)
+                self.next_id += 1
+            ids.append(track)
+            filters.append(smoother)
+            points = smoother(face.landmarks, dt).astype(np.float32)
+            tracked.append(TrackedFace(face.box, face.score, points, track))
+        self.boxes, self.ids, self.filters = boxes, ids, filters
+        return tracked
+
+
+def predict_video(predictor, path: str, out_video: Optional[str] = None, min_cutoff: float = 1.0,
+                  beta: float = 0.05, d_cutoff: float = 1.0, max_frames: Optional[int] = None) -> list:
+    """ImageLandmarks per frame of the video at path (frame = its index, faces = TrackedFace); writes the overlay
+    video to out_video (mp4v codec for .mp4, MJPG otherwise) when given. Frames without a face have no faces."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path}: no such video")
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        raise UnreadableVideoError(f"{path}: cannot open video (corrupt, not a video, or no frame)")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    fps = fps if np.isfinite(fps) and fps > 0 else 30.0
+    tracks = FaceTracks(min_cutoff, beta, d_cutoff)
+    writer, results = None, []
+    try:
+        while max_frames is None or len(results) < max_frames:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            frame = len(results)
+            try:
+                found = predictor.predict_image(rgb, name=f"{path}#{frame}")
+                faces = found.faces
+            except NoFaceError:
+                faces = []
+            result = ImageLandmarks(path, (rgb.shape[1], rgb.shape[0]), tracks.update(faces, 1.0 / fps), None, frame)
+            results.append(result)
+            if out_video is not None:
+                if writer is None:
+                    writer = _open_writer(out_video, fps, rgb.shape[1], rgb.shape[0])
+                writer.write(cv2.cvtColor(draw_faces(rgb, result.faces), cv2.COLOR_RGB2BGR))
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+    if not results:
+        raise UnreadableVideoError(f"{path}: no frame could be decoded (empty or corrupt video)")
+    return results
+
+
+def _open_writer(path: str, fps: float, width: int, height: int):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    codec = "mp4v" if path.lower().endswith((".mp4", ".m4v", ".mov")) else "MJPG"
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*codec), fps, (width, height))
+    if not writer.isOpened():
+        raise InputError(f"{path}: cannot write a video there (codec {codec})")
+    return writer
