@@ -16,6 +16,7 @@ from structalign.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from structalign.engine.config import ConfigError
 from structalign.engine.finetune import init_from_checkpoint
 from structalign.engine.train import train
+from structalign.inference.predictor import Predictor
 from structalign.landmarks import WFLW98, resolve_scheme
 
 from engine_helpers import tiny_config
@@ -92,6 +93,10 @@ def test_a_checkpoint_travels_without_its_config_data_or_scheme_file(synth_root,
     model, state = model_from_checkpoint(str(moved))
     assert model.scheme.name == "mine98" and model(torch.rand(1, 3, 64, 64)).shape == (1, 98, 2)
     assert main(["eval", str(moved), "--data", synth_root, "--norm", "inter_pupil"]) == 0
+    face = open_dataset(synth_root, fmt="wflw", split="test")[0]
+    found = Predictor(str(moved), device="cpu", detector=None, flip_test=True).predict(face.image_path, [face.box])
+    assert found[0].faces[0].landmarks.shape == (98, 2)  # the flip test needs the scheme's flip table
+    assert main(["export", str(moved), str(tmp_path / "mine98.onnx")]) == 0
 
 
 def test_resume_auto_continues_or_starts(synth_root, tmp_path, capsys):
