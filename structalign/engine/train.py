@@ -241,7 +241,8 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
             remove_stale_temporaries(folder)  # left by a run killed while saving
         with open(os.path.join(tc.out_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), f, sort_keys=False)
-        full.write_skipped(skipped_path)
+        if saved is None or not os.path.isfile(skipped_path):  # a resumed run keeps the images its loaders found bad
+            full.write_skipped(skipped_path)
         if full.skipped:
             print(f"data: skipped {len(full.skipped)} bad annotation(s) of {cfg.data.root}, listed in {skipped_path}",
                   flush=True)

@@ -235,6 +235,19 @@ def test_train_stops_on_a_bad_annotation_or_skips_and_lists_it(root, tmp_path, c
     assert listed[2].startswith(f"duplicate annotation\t{path}:17\t")
 
 
+def test_a_resumed_run_keeps_the_images_its_loaders_found_bad(root, tmp_path):
+    from structalign.engine.config import config_from_dict
+    from structalign.engine.train import train
+
+    _truncate(_image(root, 3))  # its header still reads: found only when training decodes it
+    raw = _config(root, tmp_path / "run", on_error="skip", val_fraction=0.0)
+    first = train(config_from_dict(raw))
+    listed = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert listed[0] == "# 0 skipped: none" and listed[1].startswith("corrupt image\t")
+    train(config_from_dict(raw), resume=first["last_checkpoint"])  # nothing left to train: the list must stay
+    assert (tmp_path / "run" / "skipped.txt").read_text().splitlines() == listed
+
+
 def test_crop_padding_and_out_of_crop_reach_the_loss(root, tmp_path):
     from structalign.engine.config import config_from_dict
     from structalign.engine.train import train
