@@ -41,12 +41,13 @@ def test_interrupted_and_resumed_run_repeats_the_loss_sequence(synth_root, unint
             signal.raise_signal(signal.SIGINT)
 
     cfg = tiny_config(synth_root, str(tmp_path))
+    handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     # Ctrl-C between steps 3 and 4: step 4, the one in progress, completes; then a checkpoint is saved.
     first = train(cfg, on_step=ctrl_c_after_step_3)
     assert first["interrupted"] and first["steps"] == 4
     state = load_checkpoint(first["last_checkpoint"])
     assert (state["epoch"], state["batch"], state["step"]) == (1, 1, 4)  # mid-epoch: epoch 1 after its first batch
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler
     second = train(cfg, resume=first["last_checkpoint"])
     assert first["losses"] + second["losses"] == full["losses"]
     for a, b in zip(full["model"].state_dict().values(), second["model"].state_dict().values()):
