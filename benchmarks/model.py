@@ -7,7 +7,8 @@ the reference backend and on the C++ backend, and the share of step time spent i
 A step is model forward + criterion (Soft Wing + Laplacian relative loss) + backward, no optimiser. "head" is the
 L-GRN head alone (forward + backward from detached node features), "loss" the criterion alone (from detached
 predictions); shares are their medians over the step's median. The backends' calls alternate rep by rep in one
-run, so a load change on a shared machine hits both alike.
+run, so a load change on a shared machine hits both alike. The head alone against its matrix products (fused layer,
+unfused layer, torch.compile, the authors' dense head): benchmarks/head.py.
 """
 import argparse
 import os
@@ -28,7 +29,7 @@ CONFIGS = (  # (backbone, image size, batch)
     ("resnet34", 256, 8),
     ("resnet18", 128, 32),
 )
-OPS = ("graph_message_passing", "relative_location_loss")
+OPS = ("graph_conv", "graph_message_passing", "relative_location_loss")
 
 
 def cpp_problem(device: torch.device) -> str | None:

@@ -122,13 +122,15 @@ def run_loop(case: str, data_root: str, data: str, steps: int, log_every: int, d
             "images_per_s": result["images_per_s"], "data_wait_share": result["data_wait_share"], "wall_s": wall}
 
 
-def step_breakdown(data_root: str, case: str, loader_backend: str, steps: int, device: torch.device) -> dict:
-    """Median ms per phase of the L-GRN + relative-loss training step over `steps` steps (after 2 warm-up steps)."""
+def step_breakdown(data_root: str, case: str, loader_backend: str, steps: int, device: torch.device,
+                   fused_layers: bool = True) -> dict:
+    """Median ms per phase of the L-GRN + relative-loss training step over `steps` steps (after 2 warm-up steps);
+    fused_layers: the head's graph convolutions as one fused graph_conv op each (else matmuls + message passing)."""
     backbone, size, batch = BREAKDOWN_CASES[case]
     ds = open_dataset(data_root, fmt="wflw", split="train")
     loader = make_loader(ds, batch, train=True, device=device, image_size=size, backend=loader_backend,
                          num_threads=2, augment=AugmentConfig())
-    model = build_model("lgrn", backbone, ds.scheme, image_size=size).to(device).train()
+    model = build_model("lgrn", backbone, ds.scheme, image_size=size, fused_layers=fused_layers).to(device).train()
     criterion = build_criterion("soft_wing", relative="laplacian", scheme=ds.scheme).to(device)
     cfg = load_config("demo", check_data=False).optim
     optimizer = build_optimizer(model, cfg, cfg.lr)
@@ -161,7 +163,8 @@ def step_breakdown(data_root: str, case: str, loader_backend: str, steps: int, d
                 phases[name].append((c - a) * 1e3)
     ms = {name: sorted(v)[len(v) // 2] for name, v in phases.items()}
     total = sum(ms.values())
-    return {"case": case, "loader": loader_backend, "batch": batch, **{f"{k}_ms": v for k, v in ms.items()},
+    return {"case": case, "loader": loader_backend, "head": "fused" if fused_layers else "unfused", "batch": batch,
+            **{f"{k}_ms": v for k, v in ms.items()},
             "step_ms": total, "images_per_s": batch * 1e3 / total, "data_share": ms["data"] / total}
 
 
@@ -303,11 +306,17 @@ def run_sections(args, sections: set, device: torch.device, case: str, steps: in
         rows += sync
     if "breakdown" in sections and not args.dry_run:
         backends = ("reference", "dali") if dali_available() else ("reference",)
-        breakdown = [dict(step_breakdown(data_root, name, backend, steps, device), section="breakdown")
-                     for name in BREAKDOWN_CASES for backend in backends]
-        print("\ntraining step (L-GRN + relative-location loss, AdamW), median over", steps, "steps")
-        print_table(breakdown, ["case", "loader", "batch", "data_ms", "forward_ms", "backward_ms", "optimiser_ms",
-                                "step_ms", "images_per_s", "data_share"])
+        breakdown = []
+        for name in BREAKDOWN_CASES:
+            for backend in backends:
+                unfused, fused = (dict(step_breakdown(data_root, name, backend, steps, device, fused_layers=f),
+                                       section="breakdown") for f in (False, True))
+                fused["vs_unfused_head"] = unfused["step_ms"] / fused["step_ms"]
+                breakdown += [unfused, fused]
+        print("\ntraining step (L-GRN + relative-location loss, AdamW), median over", steps, "steps; head: graph "
+              "convolutions fused (graph_conv) or not (matmuls + graph_message_passing)")
+        print_table(breakdown, ["case", "loader", "head", "batch", "data_ms", "forward_ms", "backward_ms",
+                                "optimiser_ms", "step_ms", "images_per_s", "data_share", "vs_unfused_head"])
         rows += breakdown
     if "ddp" in sections and not args.dry_run and (not gpu or torch.cuda.device_count() >= 2):
         ddp = [dict(row, section="ddp") for row in ddp_comparison(data_root, args.ddp_images, batch=16)]

@@ -90,6 +90,16 @@ void GraphBackwardGrads::zero() {
   if (need_bias) grad_bias = at::zeros({channels}, options);
 }
 
+int64_t GraphBackwardGrads::grad_stride_b() const {
+  TORCH_INTERNAL_ASSERT(!(need_h_self && need_h_nbr) || grad_h_self.strides() == grad_h_nbr.strides(),
+                        "graph_message_passing_backward: grad_h_self and grad_h_nbr must share their strides");
+  return need_h_self ? grad_h_self.stride(0) : need_h_nbr ? grad_h_nbr.stride(0) : 0;
+}
+
+int64_t GraphBackwardGrads::grad_stride_n() const {
+  return need_h_self ? grad_h_self.stride(1) : need_h_nbr ? grad_h_nbr.stride(1) : 0;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> GraphBackwardGrads::result(const at::Tensor& logits) const {
   TORCH_INTERNAL_ASSERT(grad_bias.defined(), "graph_message_passing_backward: grad_bias was not computed");
   at::Tensor grad_logits = at::empty({0}, logits.options());

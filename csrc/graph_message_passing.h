@@ -41,6 +41,9 @@ struct GraphBackwardGrads {
   GraphBackwardGrads(const at::Tensor& h_self, const at::Tensor& logits, std::array<bool, 4> output_mask);
   void zero();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result(const at::Tensor& logits) const;
+  // Batch and row strides of grad_h_self / grad_h_nbr (the wanted ones share them; 0 when neither is wanted).
+  int64_t grad_stride_b() const;
+  int64_t grad_stride_n() const;
 
   bool need_h_self, need_h_nbr, need_logits, need_bias;
   int64_t channels;

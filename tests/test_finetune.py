@@ -65,9 +65,17 @@ def test_another_scheme_with_the_same_point_count_does_not_inherit_point_indexed
     transfer = init_from_checkpoint(target, path)
     skipped = dict(transfer.skipped)
     assert set(skipped) == set(target.point_indexed_keys())
-    assert {"shape_prior", "neck.to_points.0.weight"} <= set(skipped)
+    assert {"shape_prior", "neck.to_points.0.weight", "head.input.conv.edge_logits", "head.output.edge_logits"} <= \
+        set(skipped)
     assert skipped["shape_prior"] == "landmark scheme differs: wflw98 -> my98"
     assert "backbone.stem.conv.weight" in transfer.loaded
+
+
+def test_the_per_image_relation_learner_output_is_edge_indexed():
+    model = build_model(scheme="wflw98", **dict(TINY, adjacency="dynamic"))
+    keys = set(model.point_indexed_keys())
+    assert {"head.relation_learner.net.3.weight", "head.relation_learner.net.3.bias"} <= keys
+    assert not any(k.startswith("head.relation_learner.net.0") for k in keys)
 
 
 def test_init_from_a_missing_or_foreign_file(tmp_path):

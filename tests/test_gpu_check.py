@@ -171,3 +171,13 @@ def test_check_cuda_really_skips_without_a_toolkit():
                           env=dict(_env(), CUDA_HOME="none"), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "check-cuda: SKIPPED" in proc.stdout and "nothing built" in proc.stdout
     assert "setup.py" not in proc.stdout + proc.stderr and "pip" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_runs_the_training_loop_benchmark(dry_run):
+    _, result, out = dry_run
+    step = {s["name"]: s for s in result["steps"]}["train_bench"]
+    assert step["status"] == "ok", step
+    rows = step["details"]["rows"]
+    assert [r["section"] for r in rows] == ["loop"] and rows[0]["images_per_s"] > 0 and rows[0]["steps"] == 6
+    assert "img/s" in step["summary"] and (out / "train_bench.json").exists()

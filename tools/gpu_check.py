@@ -24,6 +24,12 @@ the time budget (--budget, 480 s); a failing step is recorded and the next one r
              that order, so a cut-short run still has the targets), C = 128 and 256, bf16 and fp32, with the
              unavoidable bytes and % of the copy bandwidth measured in the same run. Dry run: B = 2, C = 16, fp32,
              --quick, on the CPU.
+  head_bench benchmarks/head.py (issue 15): the L-GRN head's forward + backward with the fused graph_conv layer and
+             today's unfused layer against its GEMMs alone (the floor), B = 1024 and 4096, bf16: the non-GEMM share.
+             Dry run: B = 2, fp32, one rep, on the CPU.
+  train_bench  benchmarks/train.py --sections loop --steps 200: images/s and data-wait share of the training loop
+             (the paper's ResNet-34 L-GRN, 256 px, bf16, 256 images per GPU; GPU-resident synthetic batches, and DALI
+             where installed) against the 5000 images/s target. Dry run: the tiny case, 6 steps, on the CPU.
 
 Writes DIR/results.json (schema "structalign-gpu-check/1", described in README.md's "GPU check" section),
 DIR/results.md (the tables to paste into benchmarks/RESULTS.md, device named), DIR/logs/<step>.log, DIR/bench.json.
@@ -53,11 +59,14 @@ from cuda_home import find_cuda_home  # noqa: E402
 
 SCHEMA = "structalign-gpu-check/1"
 BUILD_LOCK = "/tmp/structalign-build.lock"
-STEPS = ("build", "gpu_tests", "memcheck", "racecheck", "benchmark")
+STEPS = ("build", "gpu_tests", "memcheck", "racecheck", "benchmark", "head_bench", "train_bench")
 # Seconds: the most a step may take, and what is kept back for each later step when an earlier one runs long.
-CAPS = {"build": 240, "gpu_tests": 210, "memcheck": 60, "racecheck": 60, "benchmark": 180}
-RESERVE = {"build": 0, "gpu_tests": 60, "memcheck": 30, "racecheck": 30, "benchmark": 100}
-DRY_CAPS = {"build": 60, "gpu_tests": 240, "memcheck": 240, "racecheck": 60, "benchmark": 300}
+CAPS = {"build": 240, "gpu_tests": 210, "memcheck": 60, "racecheck": 60, "benchmark": 180, "head_bench": 60,
+        "train_bench": 120}
+RESERVE = {"build": 0, "gpu_tests": 60, "memcheck": 30, "racecheck": 30, "benchmark": 100, "head_bench": 30,
+           "train_bench": 60}
+DRY_CAPS = {"build": 60, "gpu_tests": 240, "memcheck": 240, "racecheck": 60, "benchmark": 300, "head_bench": 120,
+            "train_bench": 120}
 TARGETS = {"pct_copy": 60.0, "speedup_vs_eager": 3.0, "speedup_vs_compile": 1.5}
 ATTACH_FAILURES = ("Target application terminated before first instrumented API call", "Unable to",
                    "not supported", "No attachable process", "Internal Sanitizer Error", "Failed to initialize",
@@ -505,6 +514,64 @@ def step_benchmark(r: Runner, env: dict, info: dict, extra: list) -> dict | None
     return bench
 
 
+def step_train_benchmark(r: Runner, env: dict) -> None:
+    """benchmarks/train.py's training loop for 200 steps (6 tiny steps on the CPU in a dry run): images/s."""
+    name = "train_bench"
+    out_json = os.path.join(r.out, "train_bench.json")
+    if os.path.exists(out_json):
+        os.remove(out_json)
+    timeout = r.timeout_for(name)
+    if not r.dry_run and timeout < 30:
+        r.record(name, "skipped", f"no time left in the {r.budget:.0f} s budget")
+        return
+    cmd = [r.python, os.path.join("benchmarks", "train.py"), "--sections", "loop", "--json", out_json]
+    cmd += ["--dry-run"] if r.dry_run else ["--steps", "200"]
+    res = r.run(name, cmd, env, timeout)
+    rows = []
+    if os.path.exists(out_json):
+        with open(out_json) as f:
+            rows = json.load(f)["rows"]
+    status = "timeout" if res["timed_out"] else ("ok" if res["returncode"] == 0 and rows else "failed")
+    text = "; ".join(f"{x['case']} batch {x['batch']} {x['precision']}, {x['data']} data: "
+                     f"{_f(x['images_per_s'], '{:.0f}')} img/s, data wait "
+                     f"{_f(x['data_wait_share'] and 100 * x['data_wait_share'], '{:.0f}')} %" +
+                     (f" (target {x['target_images_per_s']}: {'met' if x['meets_target'] else 'MISSED'})"
+                      if "meets_target" in x else "") for x in rows) or f"no results (rc={res['returncode']})"
+    r.record(name, status, ("dry run: " if r.dry_run else "") + text, res["seconds"], command=res["command"],
+             returncode=res["returncode"], log=res["log"],
+             details={"json": "train_bench.json" if rows else None, "rows": rows,
+                      "output_tail": tail(res["output"], 1500) if not rows or res["returncode"] else ""})
+
+
+def step_head_benchmark(r: Runner, env: dict) -> None:
+    """benchmarks/head.py: the L-GRN head's non-GEMM share with the fused layer and today's, B = 1024 and 4096 bf16
+    on the GPU (B = 2 fp32 on the CPU in a dry run)."""
+    name = "head_bench"
+    out_json = os.path.join(r.out, "head_bench.json")
+    if os.path.exists(out_json):
+        os.remove(out_json)
+    timeout = r.timeout_for(name)
+    if not r.dry_run and timeout < 20:
+        r.record(name, "skipped", f"no time left in the {r.budget:.0f} s budget")
+        return
+    cmd = [r.python, os.path.join("benchmarks", "head.py"), "--providers", "gemm,fused,today", "--json", out_json]
+    cmd += (["--device", "cpu", "--batches", "2", "--reps", "1", "--warmup", "0"] if r.dry_run else
+            ["--device", "cuda", "--dtype", "bf16", "--batches", "1024,4096", "--reps", "10", "--warmup", "2"])
+    res = r.run(name, cmd, env, timeout)
+    rows = []
+    if os.path.exists(out_json):
+        with open(out_json) as f:
+            rows = json.load(f)["rows"]
+    status = "timeout" if res["timed_out"] else ("ok" if res["returncode"] == 0 and rows else "failed")
+    text = "; ".join(f"B {x['batch']} {x['dtype']} {x['provider']}: {_f(x['median_ms'], '{:.2f}')} ms, non-GEMM "
+                     f"{_f(x['non_gemm_share'] * 100, '{:.0f}')} %" for x in rows if "non_gemm_share" in x) or \
+        f"no results (rc={res['returncode']})"
+    r.record(name, status, ("dry run: " if r.dry_run else "") + text, res["seconds"], command=res["command"],
+             returncode=res["returncode"], log=res["log"],
+             details={"json": "head_bench.json" if rows else None, "rows": rows,
+                      "output_tail": tail(res["output"], 1500) if not rows or res["returncode"] else ""})
+
+
 # ---- results ---------------------------------------------------------------------------------------------------------
 
 def targets(bench: dict | None, dry_run: bool) -> list:
@@ -654,8 +721,12 @@ def main(argv=None) -> int:
                         step_tests(runner, env, info)
                     elif step in ("memcheck", "racecheck"):
                         step_sanitizer(runner, env, info, step)
-                    else:
+                    elif step == "benchmark":
                         bench = step_benchmark(runner, env, info, args.bench_args.split())
+                    elif step == "head_bench":
+                        step_head_benchmark(runner, env)
+                    else:
+                        step_train_benchmark(runner, env)
                 except Exception as exc:  # noqa: BLE001 (a broken step must not lose the others' results)
                     runner.record(step, "failed", f"gpu_check.py itself failed: {type(exc).__name__}: {exc}")
     finally:

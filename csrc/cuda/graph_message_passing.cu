@@ -13,6 +13,7 @@
 #include "common.h"
 #include "cuda/graph_message_passing_kernels.cuh"
 #include "cuda/launch.h"
+#include "cuda/graph_message_passing_launch.h"
 #include "graph_message_passing.h"
 
 namespace structalign {
@@ -73,25 +74,8 @@ at::Tensor graph_message_passing_cuda(const at::Tensor& h_self_in, const at::Ten
                                    {indptr_in, indices_in, in_ptr, in_edges, edge_row, max_deg, max_in_deg}, bias_in);
   TORCH_INTERNAL_ASSERT(h_self_in.is_cuda());
   const c10::cuda::CUDAGuard guard(h_self_in.device());
-  const int64_t b = h_self_in.size(0), n = h_self_in.size(1), c = h_self_in.size(2);
-  TORCH_CHECK(b <= std::numeric_limits<int32_t>::max(), op, ": B = ", b, " faces exceed the CUDA grid");
-  at::Tensor out = at::empty({b, n, c}, h_self_in.options());
-  if (out.numel() == 0) return out;
-  const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
-  const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
-  const at::Tensor logits = logits_in.to(acc_scalar_type(h_self.scalar_type())).contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_self.scalar_type(), "graph_message_passing_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
-    constexpr int kVec = cuda::kVec16<T>;
-    const T* bias_ptr = bias.defined() ? cuda_ptr<scalar_t>(bias) : nullptr;
-    if (gmp::can_vectorize(kVec, c, {h_self.data_ptr(), h_nbr.data_ptr(), out.data_ptr(), bias_ptr},
-                           {h_self.stride(0), h_self.stride(1), h_nbr.stride(0), h_nbr.stride(1)})) {
-      launch_forward<T, kVec>(h_self, h_nbr, logits, indptr, indices, bias_ptr, out, max_deg);
-    } else {
-      launch_forward<T, 1>(h_self, h_nbr, logits, indptr, indices, bias_ptr, out, max_deg);
-    }
-  });
+  at::Tensor out = at::empty(h_self_in.sizes(), h_self_in.options());
+  graph_message_passing_forward_into(h_self_in, h_nbr_in, logits_in, indptr_in, indices_in, bias_in, out, max_deg);
   return out;
 }
 
@@ -123,6 +107,8 @@ void launch_backward(const at::Tensor& grad_out, const at::Tensor& h_self, const
                                   graph.edge_row.data_ptr<int64_t>(),
                                   data(grads.grad_h_self, grads.need_h_self),
                                   data(grads.grad_h_nbr, grads.need_h_nbr),
+                                  grads.grad_stride_b(),
+                                  grads.grad_stride_n(),
                                   grads.need_logits ? grads.grad_logits_faces.data_ptr<A>() : nullptr,
                                   grads.need_bias ? bias_sums.data_ptr<A>() : nullptr,
                                   static_cast<int>(n),
@@ -146,29 +132,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
     const at::Tensor& in_ptr_in, const at::Tensor& in_edges_in, const at::Tensor& edge_row_in, int64_t max_deg,
     int64_t max_in_deg, std::array<bool, 4> output_mask) {
   const char* op = "graph_message_passing_backward";
-  check_graph_message_passing_args(
-      op, h_self_in, h_nbr_in, logits_in,
-      {indptr_in, indices_in, in_ptr_in, in_edges_in, edge_row_in, max_deg, max_in_deg}, c10::nullopt);
+  const GraphArgs graph{indptr_in, indices_in, in_ptr_in, in_edges_in, edge_row_in, max_deg, max_in_deg};
+  check_graph_message_passing_args(op, h_self_in, h_nbr_in, logits_in, graph, c10::nullopt);
   check_graph_message_passing_grad_out(grad_out_in, h_self_in);
   TORCH_INTERNAL_ASSERT(h_self_in.is_cuda());
   const c10::cuda::CUDAGuard guard(h_self_in.device());
+  GraphBackwardGrads grads(h_self_in, logits_in, output_mask);
+  graph_message_passing_backward_into(grad_out_in, h_self_in, h_nbr_in, logits_in, graph, grads);
+  return grads.result(logits_in);
+}
+
+}  // namespace
+
+void graph_message_passing_forward_into(const at::Tensor& h_self_in, const at::Tensor& h_nbr_in,
+                                        const at::Tensor& logits_in, const at::Tensor& indptr_in,
+                                        const at::Tensor& indices_in, const c10::optional<at::Tensor>& bias_in,
+                                        at::Tensor& out, int64_t max_deg) {
+  const char* op = "graph_message_passing";
+  const int64_t b = h_self_in.size(0), c = h_self_in.size(2);
+  TORCH_CHECK(b <= std::numeric_limits<int32_t>::max(), op, ": B = ", b, " faces exceed the CUDA grid");
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.sizes() == h_self_in.sizes());
+  if (out.numel() == 0) return;
+  const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
+  const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
+  const at::Tensor logits = logits_in.to(acc_scalar_type(h_self.scalar_type())).contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_self.scalar_type(), "graph_message_passing_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    constexpr int kVec = cuda::kVec16<T>;
+    const T* bias_ptr = bias.defined() ? cuda_ptr<scalar_t>(bias) : nullptr;
+    if (gmp::can_vectorize(kVec, c, {h_self.data_ptr(), h_nbr.data_ptr(), out.data_ptr(), bias_ptr},
+                           {h_self.stride(0), h_self.stride(1), h_nbr.stride(0), h_nbr.stride(1)})) {
+      launch_forward<T, kVec>(h_self, h_nbr, logits, indptr, indices, bias_ptr, out, max_deg);
+    } else {
+      launch_forward<T, 1>(h_self, h_nbr, logits, indptr, indices, bias_ptr, out, max_deg);
+    }
+  });
+}
+
+void graph_message_passing_backward_into(const at::Tensor& grad_out_in, const at::Tensor& h_self_in,
+                                         const at::Tensor& h_nbr_in, const at::Tensor& logits_in,
+                                         const GraphArgs& graph_in, GraphBackwardGrads& grads) {
+  const char* op = "graph_message_passing_backward";
   const int64_t b = h_self_in.size(0), n = h_self_in.size(1), c = h_self_in.size(2);
   TORCH_CHECK(b <= std::numeric_limits<int32_t>::max(), op, ": B = ", b, " faces exceed the CUDA grid");
-  GraphBackwardGrads grads(h_self_in, logits_in, output_mask);
   if (b * n * c == 0) {
     grads.zero();
-    return grads.result(logits_in);
+    return;
   }
-  if (!(grads.need_h_self || grads.need_h_nbr || grads.need_logits || grads.need_bias)) return grads.result(logits_in);
+  if (!(grads.need_h_self || grads.need_h_nbr || grads.need_logits || grads.need_bias)) return;
   const at::ScalarType acc = acc_scalar_type(h_self_in.scalar_type());
   // grad_out is read in place whatever its batch / row strides; h_self and h_nbr only for grad logits.
   const at::Tensor grad_out = channels_contiguous(grad_out_in);
   const at::Tensor h_self = grads.need_logits ? channels_contiguous(h_self_in) : grad_out;
   const at::Tensor h_nbr = grads.need_logits ? channels_contiguous(h_nbr_in) : grad_out;
-  const at::Tensor indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
-  const at::Tensor in_ptr = in_ptr_in.contiguous(), in_edges = in_edges_in.contiguous();
-  const at::Tensor edge_row = edge_row_in.contiguous();
-  const GraphArgs graph{indptr, indices, in_ptr, in_edges, edge_row, max_deg, max_in_deg};
+  const at::Tensor indptr = graph_in.indptr.contiguous(), indices = graph_in.indices.contiguous();
+  const at::Tensor in_ptr = graph_in.in_ptr.contiguous(), in_edges = graph_in.in_edges.contiguous();
+  const at::Tensor edge_row = graph_in.edge_row.contiguous();
+  const GraphArgs graph{indptr, indices, in_ptr, in_edges, edge_row, graph_in.max_deg, graph_in.max_in_deg};
   const at::Tensor logits = logits_in.to(acc).contiguous();
   // Each face's sums of grad_out over nodes, added over faces by one reduction (deterministic).
   const at::Tensor bias_sums = grads.need_bias ? at::empty({b, c}, logits.options()) : at::Tensor();
@@ -180,17 +201,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
     const void* out_nbr = grads.need_h_nbr ? grads.grad_h_nbr.data_ptr() : nullptr;
     if (gmp::can_vectorize(kVec, c, {grad_out.data_ptr(), h_self.data_ptr(), h_nbr.data_ptr(), out_self, out_nbr},
                            {grad_out.stride(0), grad_out.stride(1), h_self.stride(0), h_self.stride(1),
-                            h_nbr.stride(0), h_nbr.stride(1)})) {
+                            h_nbr.stride(0), h_nbr.stride(1), grads.grad_stride_b(), grads.grad_stride_n()})) {
       launch_backward<T, kVec>(grad_out, h_self, h_nbr, logits, graph, grads, bias_sums);
     } else {
       launch_backward<T, 1>(grad_out, h_self, h_nbr, logits, graph, grads, bias_sums);
     }
   });
   if (grads.need_bias) grads.grad_bias = bias_sums.sum(0).to(h_self_in.scalar_type());
-  return grads.result(logits_in);
 }
-
-}  // namespace
 
 }  // namespace structalign
 

@@ -69,8 +69,9 @@ struct BackwardArgs {
   const int64_t* in_ptr;    // [N + 1]
   const int64_t* in_edges;  // [E]
   const int64_t* edge_row;  // [E]
-  T* grad_h_self;           // [B, N, C] contiguous, or null
-  T* grad_h_nbr;            // [B, N, C] contiguous, or null
+  T* grad_h_self;           // [B, N, C] with unit channel stride, or null
+  T* grad_h_nbr;            // [B, N, C] with unit channel stride (the same strides), or null
+  int64_t gs_sb, gs_sn;     // batch and row strides of grad_h_self / grad_h_nbr
   acc_t<T>* grad_logits;    // [B, E], or null
   acc_t<T>* grad_bias;      // [B, C]: each face's sum over nodes, or null
   int n, e, max_deg, max_in_deg;
@@ -353,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<T>)
           }
         }
       }
-      const int64_t out = (b * a.n + k) * a.c + v * V;
+      const int64_t out = b * a.gs_sb + k * a.gs_sn + v * V;
       if (a.grad_h_self != nullptr) {
         A gs[V];
 #pragma unroll

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <string>
 
+#include "cuda/graph_conv_kernels.cuh"
 #include "cuda/graph_message_passing_kernels.cuh"
 #include "cuda/relative_location_loss_kernels.cuh"
 
@@ -76,13 +77,14 @@ int emu_gmp_forward(int dtype, const void* h_self, int64_t hs_sb, int64_t hs_sn,
   });
 }
 
-// graph_message_passing backward; null outputs are not computed. grad_logits: [B, E], grad_bias: [B, C] per-face
-// sums, both in the accumulation type.
+// graph_message_passing backward; null outputs are not computed. grad_h_self / grad_h_nbr: batch and row strides
+// gs_sb, gs_sn; grad_logits: [B, E], grad_bias: [B, C] per-face sums, both in the accumulation type.
 int emu_gmp_backward(int dtype, const void* grad_out, int64_t go_sb, int64_t go_sn, const void* h_self, int64_t hs_sb,
                      int64_t hs_sn, const void* h_nbr, int64_t hn_sb, int64_t hn_sn, const void* logits,
                      int64_t logits_sb, const int64_t* indptr, const int64_t* indices, const int64_t* in_ptr,
                      const int64_t* in_edges, const int64_t* edge_row, void* grad_h_self, void* grad_h_nbr,
-                     void* grad_logits, void* grad_bias, int64_t b, int64_t n, int64_t c, int64_t e, int64_t max_deg,
+                     int64_t gs_sb, int64_t gs_sn, void* grad_logits, void* grad_bias, int64_t b, int64_t n,
+                     int64_t c, int64_t e, int64_t max_deg,
                      int64_t max_in_deg, int64_t smem_budget, int reverse, int* vectorized, char* error,
                      int64_t error_len) {
   return dispatch(dtype, [&](auto tag) {
@@ -97,7 +99,7 @@ int emu_gmp_backward(int dtype, const void* grad_out, int64_t go_sb, int64_t go_
       const gmp::BackwardArgs<T> args{
           static_cast<const T*>(grad_out), go_sb, go_sn, static_cast<const T*>(h_self), hs_sb, hs_sn,
           static_cast<const T*>(h_nbr), hn_sb, hn_sn, static_cast<const A*>(logits), logits_sb, indptr, indices,
-          in_ptr, in_edges, edge_row, static_cast<T*>(grad_h_self), static_cast<T*>(grad_h_nbr),
+          in_ptr, in_edges, edge_row, static_cast<T*>(grad_h_self), static_cast<T*>(grad_h_nbr), gs_sb, gs_sn,
           static_cast<A*>(grad_logits), static_cast<A*>(grad_bias), static_cast<int>(n), static_cast<int>(e),
           static_cast<int>(max_deg), static_cast<int>(max_in_deg), c, plan.tile_vecs, plan.tile_shift, plan.c_vecs,
           plan.tiles};
@@ -108,7 +110,7 @@ int emu_gmp_backward(int dtype, const void* grad_out, int64_t go_sb, int64_t go_
     };
     constexpr int kVec = cuda::kVec16<T>;
     if (gmp::can_vectorize(kVec, c, {grad_out, h_self, h_nbr, grad_h_self, grad_h_nbr},
-                           {go_sb, go_sn, hs_sb, hs_sn, hn_sb, hn_sn})) {
+                           {go_sb, go_sn, hs_sb, hs_sn, hn_sb, hn_sn, gs_sb, gs_sn})) {
       return run(std::integral_constant<int, kVec>());
     }
     return run(std::integral_constant<int, 1>());
@@ -157,6 +159,58 @@ int emu_rll(int dtype, const void* pred, int64_t p_sb, int64_t p_sn, int64_t p_s
       return run(std::integral_constant<int64_t, rll::kSoftWing>(), staged_tag);
     };
     return plan.staged ? run_criterion(std::true_type()) : run_criterion(std::false_type());
+  });
+}
+
+// graph_conv's epilogue: out = act(scale * y + shift) (+ residual) over [rows, C]; blocks = 0: the launcher's grid.
+int emu_gconv_epilogue(int dtype, const void* y, const void* scale, const void* shift, const void* residual,
+                       void* out, int64_t rows, int64_t c, int relu, int64_t blocks, int reverse, char* error,
+                       int64_t error_len) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const gconv::EpilogueArgs<T> args{static_cast<const T*>(y), static_cast<const A*>(scale),
+                                      static_cast<const A*>(shift), static_cast<const T*>(residual),
+                                      static_cast<T*>(out), rows, c, relu != 0};
+    const int64_t grid = blocks > 0 ? blocks : gconv::elementwise_blocks(rows * c);
+    return report(emu::launch(dim3(grid), dim3(gconv::kThreads), 0, reverse, gconv::graph_conv_epilogue_kernel<T>,
+                              args),
+                  error, error_len);
+  });
+}
+
+// graph_conv's BatchNorm sums: partial [sums_blocks(rows), 2, C] in the accumulation type.
+int emu_gconv_sums(int dtype, const void* grad_out, const void* y, const void* scale, const void* shift,
+                   const void* mean, void* partial, int64_t rows, int64_t c, int relu, int reverse, char* error,
+                   int64_t error_len) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const gconv::SumsArgs<T> args{static_cast<const T*>(grad_out), static_cast<const T*>(y),
+                                  static_cast<const A*>(scale), static_cast<const A*>(shift),
+                                  static_cast<const A*>(mean), static_cast<A*>(partial), rows, c,
+                                  gconv::kRowsPerBlock, relu != 0};
+    return report(emu::launch(dim3(gconv::sums_blocks(rows)), dim3(gconv::kThreads), 0, reverse,
+                              gconv::graph_conv_sums_kernel<T>, args),
+                  error, error_len);
+  });
+}
+
+// graph_conv's prologue: grad_y over [rows, C]; blocks = 0: the launcher's grid.
+int emu_gconv_prologue(int dtype, const void* grad_out, const void* y, const void* scale, const void* shift,
+                       const void* mean, const void* k0, const void* ky, void* grad_y, int64_t rows, int64_t c,
+                       int relu, int64_t blocks, int reverse, char* error, int64_t error_len) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const gconv::PrologueArgs<T> args{static_cast<const T*>(grad_out), static_cast<const T*>(y),
+                                      static_cast<const A*>(scale), static_cast<const A*>(shift),
+                                      static_cast<const A*>(mean), static_cast<const A*>(k0),
+                                      static_cast<const A*>(ky), static_cast<T*>(grad_y), rows, c, relu != 0};
+    const int64_t grid = blocks > 0 ? blocks : gconv::elementwise_blocks(rows * c);
+    return report(emu::launch(dim3(grid), dim3(gconv::kThreads), 0, reverse, gconv::graph_conv_prologue_kernel<T>,
+                              args),
+                  error, error_len);
   });
 }
 

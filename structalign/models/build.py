@@ -36,7 +36,8 @@ def _mean_shape(mean_shape, num_points: int, image_size: int) -> torch.Tensor:
 def build_model(arch: str = "lgrn", backbone: str = "resnet34", scheme="wflw98", image_size: int = 256,
                 head_width: int = 128, num_blocks: int = 4, adjacency: str = "static", map_to_node: str = "base",
                 backbone_weights=None, op_backend: str | None = None, *, mean_shape=None, backbone_width: int = 64,
-                bn_momentum: float = 0.1, fc_width: int = 256, normalize_input: bool = True) -> LandmarkRegressor:
+                bn_momentum: float = 0.1, fc_width: int = 256, normalize_input: bool = True,
+                fused_layers: bool = True) -> LandmarkRegressor:
     """A face-alignment model: model(images Tensor[B, 3, H, W]) -> Tensor[B, N, 2] in pixels of the input.
 
     arch "lgrn" (map-to-node + L-GRN head, method.md §1.1-1.4) or "fc" (§1.6); backbone "resnet18/34/50";
@@ -46,7 +47,9 @@ def build_model(arch: str = "lgrn", backbone: str = "resnet34", scheme="wflw98",
     torchvision's layout); op_backend: backend of the graph op (None = the global default).
     Keyword-only: mean_shape (array[N, 2], pixels of an image_size crop) initialises the learned shape prior
     (default: every point at the centre); backbone_width (stage-1 channels, 64 standard); bn_momentum of the
-    backbone (the paper used 0.01); fc_width of the FC head; normalize_input: per-image z-score inside the model.
+    backbone (the paper used 0.01); fc_width of the FC head; normalize_input: per-image z-score inside the model;
+    fused_layers: the L-GRN head's layers as structalign.ops.graph_conv (False: the unfused modules; the same
+    parameters and state dict, for A/B runs).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
@@ -79,6 +82,6 @@ def build_model(arch: str = "lgrn", backbone: str = "resnet34", scheme="wflw98",
         else:
             neck = MultiScaleMapToNode(trunk.channels, n, CHANNELS_PER_POINT)
         head = LGRNHead(CHANNELS_PER_POINT * grid * grid, message_graph(scheme), head_width, num_blocks, adjacency,
-                        trunk.channels[-1], op_backend)
+                        trunk.channels[-1], op_backend, fused=fused_layers)
     return LandmarkRegressor(trunk, neck, head, scheme, image_size, _mean_shape(mean_shape, n, image_size),
                              normalize_input)

@@ -2,6 +2,10 @@
 
 GraphConv        SemGraphConv: out = graph_message_passing(X W_self, X W_nbr, edge logits) + b, the neighbour weights
                  being a softmax of the logits within each landmark's neighbourhood
+GraphBlock       GraphConv -> BatchNorm -> ReLU (-> + residual). With `fused` (the default) a GraphConv and its block
+                 run as one structalign.ops.graph_conv each: one GEMM with [W_self | W_nbr], everything after it in one
+                 op (C++ backend); the reference backend computes the unfused layer. Parameters and state-dict keys
+                 are the same either way.
 RelationLearner  per-image edge logits from pooled backbone features (the "dynamic" adjacency, §1.4)
 LGRNHead         input graph conv -> residual blocks of two graph convs (BN + ReLU) -> output graph conv to (x, y)
 """
@@ -12,7 +16,8 @@ import math
 import torch
 from torch import nn
 
-from structalign.ops import LandmarkGraph, graph_message_passing
+from structalign.ops import LandmarkGraph, graph_conv, graph_message_passing
+from structalign.ops.graph_conv import batch_norm_args
 from structalign.ops.backend import BACKENDS
 from structalign.ops.reference import edge_softmax_reference
 
@@ -31,15 +36,18 @@ class GraphConv(nn.Module):
     """One graph convolution over the landmark graph.
 
     forward(x (Tensor[B, N, in]), logits (Tensor[B, E] or None)) -> Tensor[B, N, out]. With learn_edges the layer
-    owns one logit per graph entry (init 1.0: uniform neighbour weights), used when logits is None.
+    owns one logit per graph entry (init 1.0: uniform neighbour weights), used when logits is None. fused: run as
+    structalign.ops.graph_conv (one GEMM with [W_self | W_nbr]) instead of two matmuls and graph_message_passing.
     """
 
+    POINT_INDEXED = ("edge_logits",)  # one entry per graph edge (see LandmarkRegressor.point_indexed_keys)
+
     def __init__(self, in_features: int, out_features: int, graph: LandmarkGraph, learn_edges: bool = True,
-                 op_backend: str | None = None):
+                 op_backend: str | None = None, fused: bool = True):
         super().__init__()
         check_op_backend(op_backend)
         self.in_features, self.out_features = in_features, out_features
-        self.graph, self.op_backend = graph, op_backend
+        self.graph, self.op_backend, self.fused = graph, op_backend, fused
         self.weight = nn.Parameter(torch.empty(2, in_features, out_features))
         # Fans of the [2, in, out] tensor, as SemGraphConv initialises it.
         nn.init.xavier_uniform_(self.weight, gain=1.414)
@@ -47,11 +55,18 @@ class GraphConv(nn.Module):
         bound = 1.0 / math.sqrt(out_features)
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
 
+    def logits_or_own(self, logits: torch.Tensor | None) -> torch.Tensor:
+        """The per-image logits given, or the layer's own learned ones."""
+        if logits is not None:
+            return logits
+        if self.edge_logits is None:
+            raise ValueError("this GraphConv has no learned edge logits; pass per-image logits [B, E]")
+        return self.edge_logits
+
     def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        if logits is None:
-            if self.edge_logits is None:
-                raise ValueError("this GraphConv has no learned edge logits; pass per-image logits [B, E]")
-            logits = self.edge_logits
+        logits = self.logits_or_own(logits)
+        if self.fused:
+            return graph_conv(x, self.weight, logits, self.graph, self.bias, backend=self.op_backend)
         h_self = torch.matmul(x, self.weight[0])
         h_nbr = torch.matmul(x, self.weight[1])
         return graph_message_passing(h_self, h_nbr, logits, self.graph, self.bias.to(h_self.dtype),
@@ -59,36 +74,47 @@ class GraphConv(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "learned edges" if self.edge_logits is not None else "per-image edges"
-        return f"{self.in_features} -> {self.out_features}, {self.graph}, {kind}, op_backend={self.op_backend}"
+        return (f"{self.in_features} -> {self.out_features}, {self.graph}, {kind}, op_backend={self.op_backend}, "
+                f"fused={self.fused}")
 
 
 class GraphBlock(nn.Module):
-    """GraphConv -> BatchNorm over channels -> ReLU. forward(x (Tensor[B, N, in]), logits) -> Tensor[B, N, out]."""
+    """GraphConv -> BatchNorm over channels -> ReLU (-> + residual).
+
+    forward(x (Tensor[B, N, in]), logits, residual (Tensor[B, N, out] or None)) -> Tensor[B, N, out]. fused: the
+    whole block is one structalign.ops.graph_conv (same parameters, buffers and running-statistics updates).
+    """
 
     def __init__(self, in_features: int, out_features: int, graph: LandmarkGraph, learn_edges: bool,
-                 op_backend: str | None):
+                 op_backend: str | None, fused: bool = True):
         super().__init__()
-        self.conv = GraphConv(in_features, out_features, graph, learn_edges, op_backend)
+        self.conv = GraphConv(in_features, out_features, graph, learn_edges, op_backend, fused)
         self.bn = nn.BatchNorm1d(out_features)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x, logits=None):
+    def forward(self, x, logits=None, residual=None):
+        conv = self.conv
+        if conv.fused:
+            return graph_conv(x, conv.weight, conv.logits_or_own(logits), conv.graph, conv.bias,
+                              batch_norm_args(self.bn), relu=True, residual=residual, backend=conv.op_backend)
         # BatchNorm over the [B * N, C] rows: the statistics of BatchNorm1d on [B, C, N], without the transposes
         # that would hand the graph op a gradient with channel stride N (and make it copy that gradient).
-        y = self.conv(x, logits)
-        return self.relu(self.bn(y.reshape(-1, y.shape[-1])).view(y.shape))
+        y = conv(x, logits)
+        out = self.relu(self.bn(y.reshape(-1, y.shape[-1])).view(y.shape))
+        return out if residual is None else residual + out
 
 
 class ResidualGraphBlock(nn.Module):
     """x + GraphBlock(GraphBlock(x)) at constant width."""
 
-    def __init__(self, width: int, graph: LandmarkGraph, learn_edges: bool, op_backend: str | None):
+    def __init__(self, width: int, graph: LandmarkGraph, learn_edges: bool, op_backend: str | None,
+                 fused: bool = True):
         super().__init__()
-        self.first = GraphBlock(width, width, graph, learn_edges, op_backend)
-        self.second = GraphBlock(width, width, graph, learn_edges, op_backend)
+        self.first = GraphBlock(width, width, graph, learn_edges, op_backend, fused)
+        self.second = GraphBlock(width, width, graph, learn_edges, op_backend, fused)
 
     def forward(self, x, logits=None):
-        return x + self.second(self.first(x, logits), logits)
+        return self.second(self.first(x, logits), logits, residual=x)
 
 
 class RelationLearner(nn.Module):
@@ -96,6 +122,8 @@ class RelationLearner(nn.Module):
 
     The last layer starts at zero weight and unit bias, so training starts from the static head's uniform weights.
     """
+
+    POINT_INDEXED = ("net.3",)  # its last layer has one output per graph edge
 
     def __init__(self, in_channels: int, num_edges: int, hidden: int = 256):
         super().__init__()
@@ -113,11 +141,13 @@ class LGRNHead(nn.Module):
 
     forward(nodes (Tensor[B, N, F]), pooled (Tensor[B, C], used by the dynamic adjacency)) -> Tensor[B, N, 2].
     adjacency "static": every graph conv learns its own edge logits, shared by all images; "dynamic": a
-    RelationLearner predicts one set of logits per image, shared by all layers.
+    RelationLearner predicts one set of logits per image, shared by all layers. fused: each graph conv with its
+    BatchNorm, ReLU and residual add is one structalign.ops.graph_conv (False: today's unfused modules, for A/B).
     """
 
     def __init__(self, node_features: int, graph: LandmarkGraph, width: int = 128, num_blocks: int = 4,
-                 adjacency: str = "static", pooled_channels: int | None = None, op_backend: str | None = None):
+                 adjacency: str = "static", pooled_channels: int | None = None, op_backend: str | None = None,
+                 fused: bool = True):
         super().__init__()
         if adjacency not in ("static", "dynamic"):
             raise ValueError(f"adjacency must be 'static' or 'dynamic', got {adjacency!r}")
@@ -126,9 +156,10 @@ class LGRNHead(nn.Module):
         learn = adjacency == "static"
         self.graph, self.adjacency_kind = graph, adjacency
         self.relation_learner = RelationLearner(pooled_channels, graph.num_edges) if not learn else None
-        self.input = GraphBlock(node_features, width, graph, learn, op_backend)
-        self.blocks = nn.ModuleList(ResidualGraphBlock(width, graph, learn, op_backend) for _ in range(num_blocks))
-        self.output = GraphConv(width, 2, graph, learn, op_backend)
+        self.input = GraphBlock(node_features, width, graph, learn, op_backend, fused)
+        self.blocks = nn.ModuleList(ResidualGraphBlock(width, graph, learn, op_backend, fused)
+                                    for _ in range(num_blocks))
+        self.output = GraphConv(width, 2, graph, learn, op_backend, fused)
 
     def edge_logits(self, pooled: torch.Tensor | None) -> torch.Tensor | None:
         """The per-image logits (Tensor[B, E]) of the dynamic head; None for the static head."""

@@ -61,6 +61,25 @@ def graph_message_passing_reference(h_self, h_nbr, logits, indptr, indices, bias
     return out.to(dtype)
 
 
+def graph_conv_reference(x, weight, logits, indptr, indices, bias=None, batch_norm=None, relu=False, residual=None,
+                         aggregate=graph_message_passing_reference):
+    """One graph-convolution layer of the L-GRN head, unfused: the layer as the model computed it before graph_conv.
+
+    out = relu?(BatchNorm(aggregate(x W_self, x W_nbr, logits, bias))) (+ residual); x (Tensor[B, N, F]), weight
+    (Tensor[2, F, C]), batch_norm: None or F.batch_norm's (running_mean, running_var, weight, bias, training,
+    momentum, eps) over the B * N rows; residual (Tensor[B, N, C] or None). aggregate(h_self, h_nbr, logits, indptr,
+    indices, bias) is the message passing (this module's, or a fused backend's).
+    """
+    h_self = torch.matmul(x, weight[0])
+    h_nbr = torch.matmul(x, weight[1])
+    y = aggregate(h_self, h_nbr, logits, indptr, indices, None if bias is None else bias.to(h_self.dtype))
+    if batch_norm is not None:
+        y = torch.nn.functional.batch_norm(y.reshape(-1, y.shape[-1]), *batch_norm).view(y.shape)
+    if relu:
+        y = torch.relu(y)
+    return y if residual is None else residual + y
+
+
 def graph_message_passing_dense(h_self, h_nbr, logits, indptr, indices, bias=None):
     """The paper code's SemGraphConv aggregation: -9e15-filled dense logits, N x N softmax, two batched matmuls."""
     n = indptr.numel() - 1

@@ -149,7 +149,7 @@ def test_graph_block_hands_the_op_a_channel_contiguous_gradient():
     from structalign.models.lgrn import GraphBlock
 
     graph = message_graph(WFLW98)
-    block = GraphBlock(16, 24, graph, learn_edges=True, op_backend="reference").train()
+    block = GraphBlock(16, 24, graph, learn_edges=True, op_backend="reference", fused=False).train()
     x = torch.randn(3, 98, 16, requires_grad=True)
     strides = []
     conv_forward = block.conv.forward
@@ -174,3 +174,73 @@ def test_graph_block_hands_the_op_a_channel_contiguous_gradient():
     torch.testing.assert_close(out, y, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad_x, grad_x2, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(block.bn.running_var, bn.running_var)
+
+
+def _head_pair(op_backend, adjacency="static"):
+    """(fused head, unfused head) with the same weights; the dynamic head's pooled features."""
+    kw = dict(width=12, num_blocks=2, adjacency=adjacency, op_backend=op_backend,
+              pooled_channels=8 if adjacency == "dynamic" else None)
+    torch.manual_seed(0)
+    fused = LGRNHead(20, message_graph(WFLW98), fused=True, **kw)
+    plain = LGRNHead(20, message_graph(WFLW98), fused=False, **kw)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+@pytest.mark.parametrize("adjacency", ["static", "dynamic"])
+def test_fused_head_matches_the_unfused_head_cpp(adjacency):
+    """Training steps (outputs, every parameter's gradient, BatchNorm buffers) and then evaluation agree."""
+    pytest.importorskip("structalign._C")
+    fused, plain = _head_pair("cpp", adjacency)
+    pooled = torch.randn(3, 8)
+    for step in range(2):
+        nodes = torch.randn(3, 98, 20) + step
+        outs = [head(nodes, pooled) for head in (fused, plain)]
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+        grad = torch.randn_like(outs[0])
+        grads = [torch.autograd.grad(out, list(head.parameters()), grad) for out, head in zip(outs, (fused, plain))]
+        for (name, _), a, b in zip(fused.named_parameters(), *grads):
+            # sums over the B * N rows (a bias before BatchNorm: 0 exactly, both rounding noise)
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+    fused.eval(), plain.eval()
+    nodes = torch.randn(2, 98, 20)
+    torch.testing.assert_close(fused(nodes, pooled[:2]), plain(nodes, pooled[:2]), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_backend_keeps_todays_computation_bitwise():
+    fused, plain = _head_pair("reference")
+    nodes = torch.randn(2, 98, 20, requires_grad=True)
+    outs = [head(nodes) for head in (fused, plain)]
+    assert torch.equal(outs[0], outs[1])
+    grads = [torch.autograd.grad(out.square().sum(), [nodes, *head.parameters()]) for out, head in
+             zip(outs, (fused, plain))]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_fused_and_unfused_heads_share_state_dict_keys_and_checkpoints():
+    """Checkpoints of the unfused head (today's) load into the fused one unchanged, and back."""
+    fused, plain = _head_pair("reference")
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert all(fused.state_dict()[k].shape == v.shape for k, v in plain.state_dict().items())
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(fused.state_dict(), strict=True)
+
+
+def test_bf16_autocast_through_the_fused_cpp_head():
+    pytest.importorskip("structalign._C")
+    model = build_model(**{**TINY, "op_backend": "cpp"}).eval()
+    assert all(conv.fused for conv in model.head.graph_convs())  # built fused by default
+    x = torch.rand(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, model(x), rtol=0, atol=1.0)
+
+
+def test_build_model_fused_layers_flag():
+    """build_model(fused_layers=False) builds today's unfused head (for A/B runs); the state dicts match."""
+    fused, plain = build_model(**TINY), build_model(**TINY, fused_layers=False)
+    assert all(c.fused for c in fused.head.graph_convs()) and not any(c.fused for c in plain.head.graph_convs())
+    plain.load_state_dict(fused.state_dict(), strict=True)

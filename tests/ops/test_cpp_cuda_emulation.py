@@ -44,7 +44,7 @@ I64, INT = ctypes.c_int64, ctypes.c_int
 def lib(tmp_path_factory):
     """The emulation library, built once per source version."""
     digest = hashlib.sha256()
-    for name in sorted(os.listdir(os.path.join(ROOT, "csrc", "cuda"))) + ["common_math.h",
+    for name in sorted(os.listdir(os.path.join(ROOT, "csrc", "cuda"))) + ["common_math.h", "graph_conv_math.h",
                                                                          "graph_message_passing_math.h",
                                                                          "relative_location_loss_math.h"]:
         path = os.path.join(ROOT, "csrc", "cuda", name) if name.endswith(".cuh") else os.path.join(ROOT, "csrc", name)
@@ -96,21 +96,25 @@ def emu_forward(lib, h_self, h_nbr, logits, g, bias=None, budget=BIG, reverse=Fa
     return out, bool(vec.value)
 
 
-def emu_backward(lib, grad_out, h_self, h_nbr, logits, g, mask=(True, True, True, True), budget=BIG, reverse=False):
-    """(grad h_self, grad h_nbr, grad logits, grad bias) as the launcher returns them, and whether it vectorised."""
+def emu_backward(lib, grad_out, h_self, h_nbr, logits, g, mask=(True, True, True, True), budget=BIG, reverse=False,
+                 grad_h=None):
+    """(grad h_self, grad h_nbr, grad logits, grad bias) as the launcher returns them, and whether it vectorised.
+    grad_h (Tensor[B, N, 2C] or None): write grad h_self / grad h_nbr into its two halves (graph_conv's layout)."""
     b, n, c = h_self.shape
     e = g[1].numel()
     acc = acc_dtype(h_self.dtype)
     lg = logits.to(acc).contiguous()
-    outs = [torch.empty(b, n, c, dtype=h_self.dtype) if mask[0] else None,
-            torch.empty(b, n, c, dtype=h_self.dtype) if mask[1] else None,
+    halves = (None, None) if grad_h is None else (grad_h[..., :c], grad_h[..., c:])
+    outs = [(halves[0] if grad_h is not None else torch.empty(b, n, c, dtype=h_self.dtype)) if mask[0] else None,
+            (halves[1] if grad_h is not None else torch.empty(b, n, c, dtype=h_self.dtype)) if mask[1] else None,
             torch.empty(b, e, dtype=acc) if mask[2] else None, torch.empty(b, c, dtype=acc) if mask[3] else None]
+    strides = (grad_h.stride(0), grad_h.stride(1)) if grad_h is not None else (n * c, c)
     vec = ctypes.c_int()
     call(lib.emu_gmp_backward, INT(DTYPES[h_self.dtype]), ptr(grad_out), I64(grad_out.stride(0)),
          I64(grad_out.stride(1)), ptr(h_self), I64(h_self.stride(0)), I64(h_self.stride(1)), ptr(h_nbr),
          I64(h_nbr.stride(0)), I64(h_nbr.stride(1)), ptr(lg), I64(e if lg.dim() == 2 else 0), *map(ptr, g[:5]),
-         *map(ptr, outs), I64(b), I64(n), I64(c), I64(e), I64(g[5]), I64(g[6]), I64(budget), INT(reverse),
-         ctypes.byref(vec))
+         *map(ptr, outs[:2]), I64(strides[0]), I64(strides[1]), *map(ptr, outs[2:]), I64(b), I64(n), I64(c), I64(e),
+         I64(g[5]), I64(g[6]), I64(budget), INT(reverse), ctypes.byref(vec))
     gh, gn, gl, gb = outs
     if gl is not None:
         gl = (gl if logits.dim() == 2 else gl.sum(0)).to(logits.dtype)
@@ -235,6 +239,99 @@ def test_gmp_device_checks_reject_malformed_graphs(lib, name, graph, message):
             emu_forward(lib, h_self, h_nbr, logits, graph, bias)
     with pytest.raises(RuntimeError, match=device_message):
         emu_backward(lib, grad_out, h_self, h_nbr, logits, graph)
+
+
+# ---- graph_conv ------------------------------------------------------------------------------------------------------
+
+def emu_graph_conv(lib, h, logits, g, bias, gamma, beta, stats, residual, norm, relu, grad_out, blocks=0,
+                   reverse=False):
+    """graph_conv forward and backward as csrc/cuda/graph_conv.cu composes its kernels (aggregation, Welford
+    statistics, epilogue; sums, prologue, aggregation backward into the halves of grad_h), every kernel emulated.
+    Returns (out, batch mean, batch var, grad_h, grad_logits, grad_bias, grad gamma, grad beta)."""
+    b, n, c2 = h.shape
+    c = c2 // 2
+    acc = acc_dtype(h.dtype)
+    y, _ = emu_forward(lib, h[..., :c], h[..., c:], logits, g, bias, reverse=reverse)
+    var = None
+    if norm == "batch":
+        var, mean = torch.var_mean(y.reshape(-1, c).to(acc), 0, correction=0)
+    elif norm == "given":
+        mean, var = (t.to(acc) for t in stats)
+    if norm == "none":
+        invstd, scale, shift, mean = torch.ones(c, dtype=acc), torch.ones(c, dtype=acc), torch.zeros(c, dtype=acc), \
+            torch.zeros(c, dtype=acc)
+    else:
+        invstd = (var + 1e-5).rsqrt()
+        scale = gamma.to(acc) * invstd
+        shift = beta.to(acc) - mean * scale
+    out = torch.empty_like(y)
+    call(lib.emu_gconv_epilogue, INT(DTYPES[h.dtype]), ptr(y), ptr(scale), ptr(shift), ptr(residual), ptr(out),
+         I64(b * n), I64(c), INT(relu), I64(blocks), INT(reverse))
+    rows = b * n
+    partial = torch.empty((rows + 63) // 64, 2 * c, dtype=acc)
+    call(lib.emu_gconv_sums, INT(DTYPES[h.dtype]), ptr(grad_out), ptr(y), ptr(scale), ptr(shift), ptr(mean),
+         ptr(partial), I64(rows), I64(c), INT(relu), INT(reverse))
+    sums = partial.sum(0)
+    sum_gz, sum_gzx = sums[:c], sums[c:] * invstd
+    k0 = scale * sum_gz / rows if norm == "batch" else torch.zeros(c, dtype=acc)
+    ky = scale * invstd * sum_gzx / rows if norm == "batch" else torch.zeros(c, dtype=acc)
+    grad_y = torch.empty_like(y)
+    call(lib.emu_gconv_prologue, INT(DTYPES[h.dtype]), ptr(grad_out), ptr(y), ptr(scale), ptr(shift), ptr(mean),
+         ptr(k0), ptr(ky), ptr(grad_y), I64(rows), I64(c), INT(relu), I64(blocks), INT(reverse))
+    grad_h = torch.full_like(h, float("nan"))
+    (_, _, gl, gb), _ = emu_backward(lib, grad_y, h[..., :c], h[..., c:], logits, g, reverse=reverse, grad_h=grad_h)
+    return out, mean, var, grad_h, gl, gb, sum_gzx, sum_gz
+
+
+def graph_conv_cpu(h, logits, g, bias, gamma, beta, stats, residual, norm, relu, grad_out):
+    """The same quantities from the C++ CPU ops (tested against the unfused reference in test_graph_conv.py)."""
+    code = {"none": 0, "batch": 1, "given": 2}[norm]
+    given = stats if norm == "given" else (None, None)
+    out, y, mean, var = torch.ops.structalign.graph_conv(h, logits, *g[:5], bias, gamma, beta, *given, residual, code,
+                                                         1e-5, relu, g[5], g[6])
+    saved = (mean, var) if norm == "batch" else given
+    gh, gl, gb, gg, gbeta = torch.ops.structalign.graph_conv_backward(grad_out, h, y, logits, *g[:5], gamma, beta,
+                                                                      *saved, code, 1e-5, relu, g[5], g[6],
+                                                                      [True] * 5)
+    return out, mean, var, gh, gl, gb, gg, gbeta
+
+
+@pytest.mark.parametrize("norm,relu,residual", [("batch", True, True), ("given", True, False),
+                                                ("none", False, True), ("none", True, False)])
+@pytest.mark.parametrize("dtype,c", [(torch.float64, 130), (torch.float32, 16), (torch.float32, 37)])
+def test_graph_conv_kernels_match_the_cpu_op(lib, norm, relu, residual, dtype, c):
+    """The CUDA kernels of graph_conv, composed as the launcher composes them, give the CPU op's outputs and
+    gradients (float64: to 1e-10; the halves of h and of grad_h strided, vectorised when C allows it)."""
+    g = scheme_graph(68)
+    b = 3
+    h = torch.randn(b, 68, 2 * c, dtype=dtype)
+    logits = torch.randn(b, g[1].numel(), dtype=dtype)
+    bias, gamma, beta = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    stats = (torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5)
+    res = torch.randn(b, 68, c, dtype=dtype) if residual else None
+    grad_out = torch.randn(b, 68, c, dtype=dtype)
+    args = (h, logits, g, bias, gamma, beta, stats, res, norm, relu, grad_out)
+    emulated, cpu = emu_graph_conv(lib, *args, blocks=3), graph_conv_cpu(*args)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    names = ("out", "mean", "var", "grad_h", "grad_logits", "grad_bias", "grad gamma", "grad beta")
+    for name, a, e in zip(names, emulated, cpu):
+        if name in ("mean", "var") and norm != "batch":
+            continue
+        if name in ("grad gamma", "grad beta") and norm == "none":
+            continue
+        scale = max(e.abs().max().item(), 1.0) * (b * 68 if name == "grad_bias" and norm == "batch" else 1)
+        torch.testing.assert_close(a.to(e.dtype), e, atol=tol * scale, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_graph_conv_kernels_are_thread_order_independent(lib):
+    g = scheme_graph(29)
+    c = 24
+    h = torch.randn(2, 29, 2 * c)
+    args = (h, torch.randn(g[1].numel()), g, torch.randn(c), torch.rand(c) + 0.5, torch.randn(c),
+            None, torch.randn(2, 29, c), "batch", True, torch.randn(2, 29, c))
+    up, down = emu_graph_conv(lib, *args), emu_graph_conv(lib, *args, reverse=True)
+    for a, x in zip(up, down):
+        assert torch.equal(a, x)
 
 
 # ---- relative_location_loss ------------------------------------------------------------------------------------------
