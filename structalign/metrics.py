@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from structalign.errors import InputError
 from structalign.landmarks import LandmarkScheme, resolve_scheme
 
 NORMS = ("inter_ocular", "inter_pupil", "box")
@@ -23,13 +24,13 @@ def _as_points(name: str, value, num_points: int) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[-1] != 2:
-        raise ValueError(f"{name} must have shape [B, N, 2], got {list(arr.shape)}")
+        raise InputError(f"{name} must have shape [B, N, 2], got {list(arr.shape)}")
     if arr.shape[1] != num_points:
-        raise ValueError(f"{name} has {arr.shape[1]} landmarks but the scheme has {num_points}")
+        raise InputError(f"{name} has {arr.shape[1]} landmarks but the scheme has {num_points}")
     bad = ~np.isfinite(arr)
     if bad.any():
         b, k = np.argwhere(bad)[0, :2]
-        raise ValueError(f"{name} has NaN or infinite coordinates (image {b}, landmark {k})")
+        raise InputError(f"{name} has NaN or infinite coordinates (image {b}, landmark {k})")
     return arr
 
 
@@ -40,7 +41,7 @@ def normalizer(target: np.ndarray, scheme: LandmarkScheme, norm: str = "inter_oc
         extent = target.max(axis=1) - target.min(axis=1)
         return np.sqrt(extent[:, 0] * extent[:, 1])
     if norm not in ("inter_ocular", "inter_pupil"):
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
     left, right = scheme.ocular if norm == "inter_ocular" else scheme.pupils
     a, b = target[:, list(left)].mean(axis=1), target[:, list(right)].mean(axis=1)
     return np.linalg.norm(a - b, axis=-1)
@@ -52,11 +53,11 @@ def per_point_error(pred, target, scheme, norm: str = "inter_ocular") -> np.ndar
     pred = _as_points("pred", pred, scheme.num_points)
     target = _as_points("target", target, scheme.num_points)
     if pred.shape != target.shape:
-        raise ValueError(f"pred has shape {list(pred.shape)} but target has {list(target.shape)}")
+        raise InputError(f"pred has shape {list(pred.shape)} but target has {list(target.shape)}")
     d = normalizer(target, scheme, norm)
     if (d <= 0).any():
         n = int(np.argwhere(d <= 0)[0, 0])
-        raise ValueError(f"{norm.replace('_', '-')} distance is zero for image {n} of the batch "
+        raise InputError(f"{norm.replace('_', '-')} distance is zero for image {n} of the batch "
                          f"(its two normalising points coincide)")
     return np.linalg.norm(pred - target, axis=-1) / d[:, None]
 
@@ -69,15 +70,15 @@ def per_image_nme(pred, target, scheme, norm: str = "inter_ocular") -> np.ndarra
 def _errors(errors) -> np.ndarray:
     arr = np.asarray(errors, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"errors must be a non-empty 1-D array of per-image errors, got shape {list(arr.shape)}")
+        raise InputError(f"errors must be a non-empty 1-D array of per-image errors, got shape {list(arr.shape)}")
     if not np.isfinite(arr).all() or (arr < 0).any():
-        raise ValueError("errors must be finite and >= 0")
+        raise InputError("errors must be finite and >= 0")
     return arr
 
 
 def _threshold(threshold) -> float:
     if not isinstance(threshold, (int, float)) or not 0 < threshold < np.inf:
-        raise ValueError(f"threshold must be a number > 0, got {threshold!r}")
+        raise InputError(f"threshold must be a number > 0, got {threshold!r}")
     return float(threshold)
 
 
@@ -97,7 +98,7 @@ def ced_curve(errors, threshold: float = 0.1, steps: int = 1001) -> tuple:
     """Cumulative error distribution: (t (array[steps]) from 0 to threshold, fraction of images with e <= t)."""
     e, t = _errors(errors), _threshold(threshold)
     if not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an int >= 2, got {steps!r}")
+        raise InputError(f"steps must be an int >= 2, got {steps!r}")
     grid = np.linspace(0.0, t, steps)
     return grid, np.searchsorted(np.sort(e), grid, side="right") / e.size
 
@@ -111,10 +112,10 @@ def subset_table(errors, attributes, threshold: float = 0.1, names=WFLW_SUBSETS)
     e = _errors(errors)
     attr = np.asarray(attributes)
     if attr.shape != (e.size, len(names)):
-        raise ValueError(f"attributes must have shape [{e.size}, {len(names)}] (one flag per subset), "
+        raise InputError(f"attributes must have shape [{e.size}, {len(names)}] (one flag per subset), "
                          f"got {list(attr.shape)}")
     if not np.isin(attr, (0, 1)).all():
-        raise ValueError("attributes must be 0/1 flags")
+        raise InputError("attributes must be 0/1 flags")
     table = {"full": {**summarize(e, threshold), "count": int(e.size)}}
     for k, name in enumerate(names):
         sel = e[attr[:, k] == 1]
@@ -126,7 +127,7 @@ def subset_table(errors, attributes, threshold: float = 0.1, names=WFLW_SUBSETS)
 def plot_ced(curves: dict, path, threshold: float = 0.1) -> None:
     """Write a PNG of the CED curves of several methods: curves {name: per-image errors (array[B])}."""
     if not isinstance(curves, dict) or not curves:
-        raise ValueError("curves must be a non-empty dict {name: per-image errors}")
+        raise InputError("curves must be a non-empty dict {name: per-image errors}")
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):

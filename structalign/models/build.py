@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from structalign.errors import InputError
 from structalign.landmarks import resolve_scheme
 from structalign.models.fc import FCHead
 from structalign.models.landmark_graphs import message_graph
@@ -18,7 +19,7 @@ CHANNELS_PER_POINT = 4
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -27,9 +28,9 @@ def _mean_shape(mean_shape, num_points: int, image_size: int) -> torch.Tensor:
         return torch.full((num_points, 2), image_size / 2.0)
     shape = torch.as_tensor(np.asarray(mean_shape, dtype=np.float32))
     if shape.shape != (num_points, 2):
-        raise ValueError(f"mean_shape must have shape [{num_points}, 2] for this scheme, got {list(shape.shape)}")
+        raise InputError(f"mean_shape must have shape [{num_points}, 2] for this scheme, got {list(shape.shape)}")
     if not torch.isfinite(shape).all():
-        raise ValueError("mean_shape has NaN or infinite coordinates")
+        raise InputError("mean_shape has NaN or infinite coordinates")
     return shape
 
 
@@ -52,21 +53,21 @@ def build_model(arch: str = "lgrn", backbone: str = "resnet34", scheme="wflw98",
     parameters and state dict, for A/B runs).
     """
     if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+        raise InputError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     if backbone not in ARCHS:
-        raise ValueError(f"backbone must be one of {sorted(ARCHS)}, got {backbone!r}")
+        raise InputError(f"backbone must be one of {sorted(ARCHS)}, got {backbone!r}")
     image_size = _positive_int("image_size", image_size, 32)
     if image_size % 32:
-        raise ValueError(f"image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
+        raise InputError(f"image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
     head_width = _positive_int("head_width", head_width)
     num_blocks = _positive_int("num_blocks", num_blocks, 0)
     if adjacency not in ("static", "dynamic"):
-        raise ValueError(f"adjacency must be 'static' or 'dynamic', got {adjacency!r}")
+        raise InputError(f"adjacency must be 'static' or 'dynamic', got {adjacency!r}")
     if map_to_node not in ("base", "multiscale"):
-        raise ValueError(f"map_to_node must be 'base' or 'multiscale', got {map_to_node!r}")
+        raise InputError(f"map_to_node must be 'base' or 'multiscale', got {map_to_node!r}")
     check_op_backend(op_backend)
     if not 0.0 < bn_momentum <= 1.0:
-        raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum!r}")
+        raise InputError(f"bn_momentum must be in (0, 1], got {bn_momentum!r}")
     scheme = resolve_scheme(scheme)
     n = scheme.num_points
 

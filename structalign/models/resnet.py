@@ -12,6 +12,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from structalign.errors import InputError, MissingFileError
+
 # name -> (block kind, blocks per stage)
 ARCHS = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -80,9 +82,9 @@ class ResNet(nn.Module):
     def __init__(self, arch: str = "resnet34", width: int = 64, bn_momentum: float = 0.1):
         super().__init__()
         if arch not in ARCHS:
-            raise ValueError(f"backbone must be one of {sorted(ARCHS)}, got {arch!r}")
+            raise InputError(f"backbone must be one of {sorted(ARCHS)}, got {arch!r}")
         if not isinstance(width, int) or width < 1:
-            raise ValueError(f"backbone width must be a positive int, got {width!r}")
+            raise InputError(f"backbone width must be a positive int, got {width!r}")
         kind, depths = ARCHS[arch]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.arch, self.width = arch, width
@@ -156,18 +158,18 @@ def read_state_dict(source) -> dict:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"backbone_weights file {path!r} does not exist")
+            raise MissingFileError(f"backbone_weights file {path!r} does not exist")
         try:
             source = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"backbone_weights file {path!r} is not a readable torch state_dict: {exc}") from exc
+            raise InputError(f"backbone_weights file {path!r} is not a readable torch state_dict: {exc}") from exc
         # Training checkpoints wrap the weights: ours under "model", many other codebases under "state_dict".
         for key in ("model", "state_dict"):
             if isinstance(source, dict) and isinstance(source.get(key), dict):
                 source = source[key]
                 break
     if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
-        raise ValueError("backbone_weights must be a path or a mapping of parameter names to tensors")
+        raise InputError("backbone_weights must be a path or a mapping of parameter names to tensors")
     return dict(source)
 
 
@@ -184,11 +186,11 @@ def load_backbone_weights(backbone: ResNet, source) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"backbone_weights do not fit {backbone.arch} (width {backbone.width}): "
+        raise InputError(f"backbone_weights do not fit {backbone.arch} (width {backbone.width}): "
                          f"{len(missing)} missing keys {missing[:3]}, "
                          f"{len(unexpected)} unexpected keys {unexpected[:3]}")
     for key, value in state.items():
         if value.shape != own[key].shape:
-            raise ValueError(f"backbone_weights[{key!r}] has shape {list(value.shape)}, "
+            raise InputError(f"backbone_weights[{key!r}] has shape {list(value.shape)}, "
                              f"the {backbone.arch} expects {list(own[key].shape)}")
     backbone.load_state_dict(state)
