@@ -21,15 +21,21 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _find_cuda_home():
-    """A CUDA toolkit root (bin/nvcc and include/cuda_runtime.h) or None, found by tools/cuda_home.py."""
-    path = os.path.join(ROOT, "tools", "cuda_home.py")
-    if not os.path.isfile(path):  # an sdist without tools/: torch's own guess
-        return "torch"
-    spec = importlib.util.spec_from_file_location("_structalign_cuda_home", path)
+def _tool(name: str):
+    """The module tools/<name>.py, or None in an sdist without tools/."""
+    path = os.path.join(ROOT, "tools", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location(f"_structalign_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.find_cuda_home()
+    return module
+
+
+def _find_cuda_home():
+    """A CUDA toolkit root (bin/nvcc and include/cuda_runtime.h) or None, found by tools/cuda_home.py."""
+    tool = _tool("cuda_home")
+    return "torch" if tool is None else tool.find_cuda_home()  # without tools/: torch's own guess
 
 
 # Before torch.utils.cpp_extension reads CUDA_HOME (it guesses /usr/local behind an nvcc wrapper script).
@@ -93,10 +99,15 @@ def _extension():
     debug = os.environ.get("STRUCTALIGN_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + ["-fopenmp", "-fdiagnostics-color=always"]
+    tool = _tool("openmp_flags")
+    openmp = tool.openmp_flags() if tool is not None else None
+    if openmp is None:
+        _warn("the C++ compiler takes no OpenMP flags (tools/openmp_flags.py): the CPU kernels will run on one thread")
+        openmp = ([], [])
+    cxx = opt + openmp[0] + ["-fdiagnostics-color=always"]
     kwargs = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=openmp[1],
         py_limited_api=False,
     )
     if _want_cuda():
