@@ -26,8 +26,11 @@ def test_soft_wing_is_continuous_at_omega1_and_matches_the_formula():
 def test_soft_wing_and_wing_on_ones_vs_zeros():
     pred, target = torch.ones(1, 3, 2), torch.zeros(1, 3, 2)
     assert SoftWingLoss()(pred, target).item() == pytest.approx(1.0)
-    # mmpose sums over K x D and averages over the batch: 6.0 and 24.3279 (method.md §2.4).
-    assert SoftWingLoss()(pred, target).item() * 6 == pytest.approx(6.0)
+    # The loss is the mean over B x N x 2 of both branches: residuals 0.5 (linear) and 10 (log) in one batch.
+    b = 2.0 - 20.0 * math.log(5.0)
+    mixed = SoftWingLoss()(torch.tensor([[[0.5, 10.0]], [[0.0, 0.0]]]), torch.zeros(2, 1, 2))
+    assert mixed.item() == pytest.approx((0.5 + 20.0 * math.log(21.0) + b) / 4)
+    # mmpose sums over K x D and averages over the batch: 24.3279 for Wing here (method.md §2.4).
     assert WingLoss()(pred, target).item() * 6 == pytest.approx(24.3279, abs=1e-4)
     assert WingLoss()(pred, pred).item() == 0.0
     # Wing is continuous at omega: omega ln(1 + omega / epsilon) = omega - C.
