@@ -31,6 +31,7 @@ ext: $(VENV)/.editable
 	flock $(BUILD_LOCK) $(PY) setup.py -q build_ext --inplace
 
 test: ext
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q tests
 
 demo: ext

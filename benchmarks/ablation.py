@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import device_name, print_table, write_json  # noqa: E402
 
-from structalign import metrics  # noqa: E402
+from structalign import render  # noqa: E402
 from structalign.data import AugmentConfig, make_loader, open_dataset  # noqa: E402
 from structalign.engine.config import load_config  # noqa: E402
 from structalign.engine.distributed import DistEnv  # noqa: E402
@@ -80,8 +80,8 @@ def main() -> None:
         rows.append(run_variant(name, overrides, args.data, os.path.join(args.out, f"variant{i}")))
         print(f"ablation: {name} done", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    metrics.plot_ced({r["variant"]: r["_occl_errors"] for r in rows}, os.path.join(args.out, "ced_occluded.png"))
-    metrics.plot_ced({r["variant"]: r["_errors"] for r in rows}, os.path.join(args.out, "ced.png"))
+    render.plot_ced({r["variant"]: r["_occl_errors"] for r in rows}, os.path.join(args.out, "ced_occluded.png"))
+    render.plot_ced({r["variant"]: r["_errors"] for r in rows}, os.path.join(args.out, "ced.png"))
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     print(f"\nablation on {args.data} ({device_name(torch.device('cpu'))}), {args.epochs} epochs each, "
           f"overrides {args.overrides}; NME/FR in %, inter-ocular")

@@ -37,7 +37,8 @@ from structalign.data import AugmentConfig, make_loader, open_dataset  # noqa: E
 from structalign.data.batches import Batch  # noqa: E402
 from structalign.engine.config import load_config  # noqa: E402
 from structalign.engine.optim import build_optimizer  # noqa: E402
-from structalign.engine.train import autocast_for, train  # noqa: E402
+from structalign.engine.precision import autocast_for  # noqa: E402
+from structalign.engine.train import train  # noqa: E402
 from structalign.losses import build_criterion  # noqa: E402
 from structalign.models import build_model  # noqa: E402
 

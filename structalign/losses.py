@@ -18,14 +18,14 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
+from functools import lru_cache
 
 import torch
 from torch import nn
 
-from structalign.landmarks import resolve_scheme
-from structalign.models.landmark_graphs import laplacian_relations
-from structalign.models.lgrn import check_op_backend
-from structalign.ops import relative_location_loss
+from structalign.landmarks import LandmarkScheme, resolve_scheme
+from structalign.ops import RelationSet, relative_location_loss
+from structalign.ops.backend import check_op_backend
 from structalign.ops.reference import CRITERIA as FUSED_CRITERIA
 from structalign.ops.reference import relation_weight_reference
 
@@ -158,6 +158,13 @@ def build_point_loss(name: str, **params) -> PointLoss:
     if unknown:
         raise ValueError(f"criterion {name!r} has no parameter {unknown[0]!r}; it takes {allowed or 'none'}")
     return cls(**params)
+
+
+@lru_cache(maxsize=None)
+def laplacian_relations(scheme: LandmarkScheme) -> RelationSet:
+    """The relative-location loss relations (method.md §1.5): delta_i = mean of p_j over scheme.relation_neighbors[i],
+    minus p_i (nodes without neighbours are skipped)."""
+    return RelationSet.laplacian(scheme.relation_neighbors)
 
 
 class LandmarkCriterion(nn.Module):

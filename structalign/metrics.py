@@ -1,12 +1,11 @@
-"""Face-alignment metrics (method.md §5): NME, FR, AUC, CED curves, WFLW subset tables and a CED plot.
+"""Face-alignment metrics (method.md §5): NME, FR, AUC, CED curves and WFLW subset tables (the CED plot:
+structalign.render.plot_ced).
 
 Per-image error e_n = (1/N) sum_k ||pred_nk - target_nk|| / d_n, with d_n the inter-ocular distance (outer eye
 corners: WFLW 60/72, 300W 36/45, COFW 8/9), the inter-pupil distance (between the two pupil-group centroids of the
 scheme) or the box size sqrt(w h) of the target landmarks. Errors are fractions; `summarize` reports NME and FR in % and AUC in [0, 1].
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 
@@ -123,28 +122,3 @@ def subset_table(errors, attributes, threshold: float = 0.1, names=WFLW_SUBSETS)
         table[name] = {**stats, "count": int(sel.size)}
     return table
 
-
-def plot_ced(curves: dict, path, threshold: float = 0.1) -> None:
-    """Write a PNG of the CED curves of several methods: curves {name: per-image errors (array[B])}."""
-    if not isinstance(curves, dict) or not curves:
-        raise InputError("curves must be a non-empty dict {name: per-image errors}")
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"cannot write the CED plot {path!r}: folder {parent!r} does not exist")
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, nothing left open
-
-    fig = Figure(figsize=(5, 4), dpi=120)
-    ax = fig.subplots()
-    for name, errors in curves.items():
-        grid, ced = ced_curve(errors, threshold)
-        s = summarize(errors, threshold)
-        ax.plot(grid, ced, label=f"{name} (NME {s['nme']:.2f}%, FR {s['fr']:.2f}%, AUC {s['auc']:.3f})")
-    ax.set_xlim(0, threshold)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("normalised point-to-point error")
-    ax.set_ylabel("fraction of images")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png")

@@ -51,7 +51,7 @@ def test_other_point_count_keeps_backbone_and_graph_convs_and_reinitialises_poin
     for key in ("shape_prior", "neck.to_points.0.weight", "head.input.conv.edge_logits", "head.output.edge_logits"):
         assert skipped[key] == "shape differs"
         torch.testing.assert_close(target.state_dict()[key], fresh[key], rtol=0, atol=0)
-    for key in ("backbone.stem.conv.weight", "neck.reduce.0.weight", "head.blocks.0.first.conv.weight"):
+    for key in ("backbone.conv1.weight", "neck.reduce.0.weight", "head.blocks.0.first.conv.weight"):
         assert key in transfer.loaded
         torch.testing.assert_close(target.state_dict()[key], source.state_dict()[key], rtol=0, atol=0)
     assert any("shape differs" in line and "shape_prior" in line for line in transfer.lines())
@@ -68,7 +68,7 @@ def test_another_scheme_with_the_same_point_count_does_not_inherit_point_indexed
     assert {"shape_prior", "neck.to_points.0.weight", "head.input.conv.edge_logits", "head.output.edge_logits"} <= \
         set(skipped)
     assert skipped["shape_prior"] == "landmark scheme differs: wflw98 -> my98"
-    assert "backbone.stem.conv.weight" in transfer.loaded
+    assert "backbone.conv1.weight" in transfer.loaded
 
 
 def test_the_per_image_relation_learner_output_is_edge_indexed():

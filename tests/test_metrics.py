@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from structalign.landmarks import COFW29, IBUG68, WFLW98
-from structalign.metrics import (ced_curve, per_image_nme, per_point_error, plot_ced, subset_table, summarize)
+from structalign.metrics import ced_curve, per_image_nme, per_point_error, subset_table, summarize
 
 
 def faces(scheme, batch, ocular_distance=40.0, seed=0):
@@ -66,14 +66,6 @@ def test_subset_table():
         subset_table(errors, attributes[:, :5])
     with pytest.raises(ValueError, match="0/1 flags"):
         subset_table(errors, attributes * 2)
-
-
-def test_plot_ced_writes_a_png(tmp_path):
-    path = tmp_path / "ced.png"
-    plot_ced({"lgrn": [0.02, 0.05, 0.12], "fc": [0.04, 0.09, 0.2]}, path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        plot_ced({"lgrn": [0.02]}, tmp_path / "missing" / "ced.png")
 
 
 def test_bad_input():

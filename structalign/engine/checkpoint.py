@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from structalign.errors import InputError, MissingFileError
-from structalign.models import build_model
+from structalign.models import build_model, from_old_backbone_keys
 
 # The build_model keywords that define a checkpoint's modules. Older checkpoints also stored backbone_weights (a
 # file only needed to initialise a run) and op_backend (how to run, not what): both are ignored when loading.
@@ -91,6 +91,11 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     missing = [k for k in ("model", "model_args", "config") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} is not a structalign checkpoint: missing {missing}")
+    # Checkpoints saved before the backbone took torchvision's module names load under today's names.
+    if isinstance(state["model"], dict):
+        state["model"] = from_old_backbone_keys(state["model"])
+    if isinstance(state.get("ema"), dict) and isinstance(state["ema"].get("module"), dict):
+        state["ema"]["module"] = from_old_backbone_keys(state["ema"]["module"])
     return state
 
 

@@ -1,5 +1,5 @@
 """Evaluation of a checkpoint on a dataset split, and the files it writes: metrics JSON, Markdown report, per-image
-error CSV, CED plot and landmark overlays.
+error CSV, CED plot and landmark overlays (the pictures drawn by structalign.render).
 
     structalign eval runs/demo/best.pt --data data/synth-demo --out runs/demo/eval
 """
@@ -8,37 +8,16 @@ import json
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from structalign import metrics
 from structalign.data import make_loader, open_dataset
+from structalign.engine.checkpoint import model_from_checkpoint
 from structalign.engine.distributed import setup_distributed, teardown_distributed
 from structalign.engine.evaluate import EvalResult, evaluate
-from structalign.engine.train import autocast_for
-from structalign.engine.checkpoint import model_from_checkpoint
+from structalign.engine.precision import autocast_for
 from structalign.errors import InputError, MissingFileError
 from structalign.landmarks import resolve_scheme
-
-
-def draw_overlay(image_path: str, points: np.ndarray, out_path: str, reference: np.ndarray | None = None,
-                 box=None) -> str:
-    """Save image_path with points (ndarray[N, 2], image pixels) in red, reference points in green, box in yellow."""
-    try:
-        image = Image.open(image_path).convert("RGB")
-    except OSError as exc:
-        raise InputError(f"cannot read image {image_path!r}: {exc}") from None
-    draw = ImageDraw.Draw(image)
-    radius = max(1.0, max(image.size) / 200)
-    if box is not None:
-        draw.rectangle([float(v) for v in box], outline=(255, 220, 0), width=max(1, int(radius)))
-    layers = ([(reference, (40, 220, 40))] if reference is not None else []) + [(points, (255, 40, 40))]
-    for pts, colour in layers:
-        # Dataset coordinates put pixel centres at integers, as PIL's drawing coordinates do.
-        for x, y in np.asarray(pts, dtype=np.float64):
-            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    image.save(out_path)
-    return out_path
+from structalign.render import plot_ced, save_overlay
 
 
 NORM_TEXT = {"inter_ocular": "the inter-ocular distance (outer eye corners)",
@@ -60,15 +39,15 @@ def write_report(result: EvalResult, dataset, out_dir: str, title: str, overlays
         writer.writerow(["index", "image", "nme"])
         for i, err in enumerate(result.errors):
             writer.writerow([i, dataset[i].image_path, f"{err:.6f}"])
-    metrics.plot_ced({title: result.errors}, os.path.join(out_dir, "ced.png"))
+    plot_ced({title: result.errors}, os.path.join(out_dir, "ced.png"))
     order = np.argsort(result.errors)
     ranks = np.linspace(0, len(order) - 1, min(overlays, len(order))).round().astype(int)
     picks = sorted({int(order[k]) for k in ranks})
     pictures = []
     for i in picks:
         name = f"overlay_{i:05d}_nme{100 * result.errors[i]:.2f}.png"
-        draw_overlay(dataset[i].image_path, result.predictions[i], os.path.join(out_dir, name),
-                     reference=result.targets[i])
+        save_overlay(dataset[i].image_path, os.path.join(out_dir, name), points=[result.predictions[i]],
+                     reference=[result.targets[i]])
         pictures.append(name)
     lines = [f"# {title}", "", "| images | NME % | FR@0.1 % | AUC@0.1 | NME occluded points % |",
              "|---|---|---|---|---|",

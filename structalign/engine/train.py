@@ -23,7 +23,6 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from functools import partial
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from structalign.engine.ema import EMA
 from structalign.engine.evaluate import evaluate
 from structalign.engine.finetune import init_from_checkpoint
 from structalign.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from structalign.engine.precision import autocast_for
 from structalign.errors import StructalignError
 from structalign.landmarks import LandmarkScheme, resolve_scheme
 from structalign.losses import build_criterion, build_point_loss
@@ -81,13 +81,6 @@ def mean_shape(loader, max_images: int = 512) -> np.ndarray:
         if count >= max_images:
             break
     return (total / count).float().cpu().numpy()
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A context factory: bf16/fp16 autocast on CUDA, nothing on CPU (CPU autocast slows these convolutions)."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext
-    return partial(torch.autocast, "cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

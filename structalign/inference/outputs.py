@@ -8,12 +8,11 @@ pixel centres at integers.
 import csv
 import json
 
-import cv2
 import numpy as np
 
+from structalign.render import draw_landmarks
+
 CONVENTION = "image pixels, pixel centres at integers; box x0 y0 x1 y1"
-BOX_COLOUR = (255, 220, 0)
-POINT_COLOUR = (255, 40, 40)
 
 
 def result_dict(result) -> dict:
@@ -51,14 +50,5 @@ def write_csv(path: str, results, num_points: int) -> str:
 
 
 def draw_faces(rgb: np.ndarray, faces) -> np.ndarray:
-    """A copy of rgb (uint8[H, W, 3]) with each face's box in yellow and landmarks in red."""
-    out = np.ascontiguousarray(rgb).copy()
-    radius = max(1, int(round(max(out.shape[:2]) / 200)))
-    for face in faces:
-        # cv2 draws on integer pixel centres, the coordinates' convention; shift=4 keeps 1/16 px precision.
-        x0, y0, x1, y1 = (int(round(v * 16)) for v in face.box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), BOX_COLOUR, max(1, radius // 2), cv2.LINE_AA, shift=4)
-        for x, y in np.asarray(face.landmarks, np.float64):
-            cv2.circle(out, (int(round(x * 16)), int(round(y * 16))), radius * 16, POINT_COLOUR, -1, cv2.LINE_AA,
-                       shift=4)
-    return out
+    """A copy of rgb (uint8[H, W, 3]) with each face's box in yellow and landmarks in red (render.draw_landmarks)."""
+    return draw_landmarks(rgb, [face.landmarks for face in faces], boxes=[face.box for face in faces])

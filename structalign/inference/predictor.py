@@ -14,7 +14,7 @@ import torch
 
 from structalign.data import NORM_MEAN, NORM_STD
 from structalign.engine.checkpoint import model_from_checkpoint
-from structalign.engine.train import autocast_for
+from structalign.engine.precision import autocast_for
 from structalign.errors import InputError
 from structalign.inference.pipeline import LandmarkPipeline
 

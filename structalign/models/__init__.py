@@ -5,11 +5,11 @@
 """
 from structalign.models.build import build_model
 from structalign.models.fc import FCHead
-from structalign.models.landmark_graphs import laplacian_relations, message_graph
+from structalign.models.landmark_graphs import message_graph
 from structalign.models.lgrn import GraphConv, LGRNHead, RelationLearner
 from structalign.models.map_to_node import MapToNode, MultiScaleMapToNode
 from structalign.models.regressor import LandmarkRegressor, standardize
-from structalign.models.resnet import ResNet, from_torchvision_keys, load_backbone_weights
+from structalign.models.resnet import ResNet, from_old_backbone_keys, load_backbone_weights
 
 __all__ = [
     "FCHead",
@@ -21,8 +21,7 @@ __all__ = [
     "RelationLearner",
     "ResNet",
     "build_model",
-    "from_torchvision_keys",
-    "laplacian_relations",
+    "from_old_backbone_keys",
     "load_backbone_weights",
     "message_graph",
     "standardize",

@@ -8,10 +8,11 @@ from structalign.errors import InputError
 from structalign.landmarks import resolve_scheme
 from structalign.models.fc import FCHead
 from structalign.models.landmark_graphs import message_graph
-from structalign.models.lgrn import LGRNHead, check_op_backend
+from structalign.models.lgrn import LGRNHead
 from structalign.models.map_to_node import MapToNode, MultiScaleMapToNode
 from structalign.models.regressor import LandmarkRegressor
 from structalign.models.resnet import ARCHS, ResNet, load_backbone_weights
+from structalign.ops.backend import check_op_backend
 
 ARCHITECTURES = ("lgrn", "fc")
 CHANNELS_PER_POINT = 4

@@ -18,18 +18,13 @@ from torch import nn
 
 from structalign.ops import LandmarkGraph, graph_conv, graph_message_passing
 from structalign.ops.graph_conv import batch_norm_args
-from structalign.ops.backend import BACKENDS
+from structalign.ops.backend import check_op_backend
 from structalign.ops.reference import edge_softmax_reference
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """fp16 / bf16 -> fp32; other dtypes unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def check_op_backend(op_backend) -> None:
-    if op_backend is not None and op_backend not in BACKENDS:
-        raise ValueError(f"op_backend must be None or one of {BACKENDS}, got {op_backend!r}")
 
 
 class GraphConv(nn.Module):

@@ -1,13 +1,12 @@
 """ResNet-18/34/50 backbones (He et al. 2016) returning the stride-4/8/16/32 maps, and loading of local weights.
 
-The module names are our own (stem, stage1..stage4, shortcut); `load_backbone_weights` also accepts a
-torchvision-format ResNet state_dict (conv1 / layer1 / downsample / fc) and maps its keys. Nothing is downloaded.
+Module and state_dict key names are torchvision's (conv1, bn1, layer1..layer4, downsample.0/.1; no classifier), so a
+torchvision ResNet state_dict loads as is (its fc.* entries are dropped). Nothing is downloaded.
 """
 from __future__ import annotations
 
 import os
 import re
-from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -22,12 +21,9 @@ ARCHS = {
 }
 
 
-class Shortcut(nn.Sequential):
-    """1x1 strided conv + BN projection on the identity path where shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int, bn_momentum: float):
-        super().__init__(OrderedDict(conv=nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                     bn=nn.BatchNorm2d(cout, momentum=bn_momentum)))
+def _downsample(cin: int, cout: int, stride: int, bn_momentum: float) -> nn.Sequential:
+    """1x1 strided conv + BN projection on the identity path where shape changes (torchvision's `downsample`)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, momentum=bn_momentum))
 
 
 class BasicBlock(nn.Module):
@@ -38,13 +34,13 @@ class BasicBlock(nn.Module):
         cout = width * self.expansion
         self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width, momentum=bn_momentum)
+        self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout, momentum=bn_momentum)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = Shortcut(cin, cout, stride, bn_momentum) if stride != 1 or cin != cout else None
+        self.downsample = _downsample(cin, cout, stride, bn_momentum) if stride != 1 or cin != cout else None
 
     def forward(self, x):
-        identity = x if self.shortcut is None else self.shortcut(x)
+        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
@@ -63,20 +59,20 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout, momentum=bn_momentum)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = Shortcut(cin, cout, stride, bn_momentum) if stride != 1 or cin != cout else None
+        self.downsample = _downsample(cin, cout, stride, bn_momentum) if stride != 1 or cin != cout else None
 
     def forward(self, x):
-        identity = x if self.shortcut is None else self.shortcut(x)
+        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
 
 class ResNet(nn.Module):
-    """ResNet trunk without the classifier.
+    """ResNet trunk without the classifier, in torchvision's layout.
 
     forward(x (Tensor[B, 3, H, W])) -> {"out1".."out4"}: maps at strides 4, 8, 16, 32 with `channels[k]` channels.
-    width: channels of stage 1 (64 for the standard nets; smaller for tests and tiny demos).
+    width: channels of layer1 (64 for the standard nets; smaller for tests and tiny demos).
     """
 
     def __init__(self, arch: str = "resnet34", width: int = 64, bn_momentum: float = 0.1):
@@ -88,9 +84,10 @@ class ResNet(nn.Module):
         kind, depths = ARCHS[arch]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.arch, self.width = arch, width
-        self.stem = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(3, width, 7, 2, 3, bias=False), bn=nn.BatchNorm2d(width, momentum=bn_momentum),
-            relu=nn.ReLU(inplace=True), pool=nn.MaxPool2d(3, 2, 1)))
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width, momentum=bn_momentum)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin, channels = width, []
         for k, depth in enumerate(depths):
             stage_width = width * 2 ** k
@@ -98,7 +95,7 @@ class ResNet(nn.Module):
             for b in range(depth):
                 blocks.append(block(cin, stage_width, 2 if (b == 0 and k > 0) else 1, bn_momentum))
                 cin = stage_width * block.expansion
-            setattr(self, f"stage{k + 1}", nn.Sequential(*blocks))
+            setattr(self, f"layer{k + 1}", nn.Sequential(*blocks))
             channels.append(cin)
         self.channels = tuple(channels)
         for m in self.modules():
@@ -109,45 +106,47 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> dict:
-        x = self.stem(x)
-        out1 = self.stage1(x)
-        out2 = self.stage2(out1)
-        out3 = self.stage3(out2)
-        return {"out1": out1, "out2": out2, "out3": out3, "out4": self.stage4(out3)}
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out1 = self.layer1(x)
+        out2 = self.layer2(out1)
+        out3 = self.layer3(out2)
+        return {"out1": out1, "out2": out2, "out3": out3, "out4": self.layer4(out3)}
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, width={self.width}, channels={self.channels}"
 
 
-_TORCHVISION_RULES = (
-    (re.compile(r"^conv1\."), "stem.conv."),
-    (re.compile(r"^bn1\."), "stem.bn."),
-    (re.compile(r"^layer(\d)\."), r"stage\1."),
-    (re.compile(r"\.downsample\.0\."), ".shortcut.conv."),
-    (re.compile(r"\.downsample\.1\."), ".shortcut.bn."),
+# The backbone's own names in structalign checkpoints saved before it took torchvision's (stem, stage1..4, shortcut).
+_OLD_NAMES = (
+    (re.compile(r"^(backbone\.)?stem\.conv\."), r"\1conv1."),
+    (re.compile(r"^(backbone\.)?stem\.bn\."), r"\1bn1."),
+    (re.compile(r"^(backbone\.)?stage(\d)\.(\d+)\.shortcut\.conv\."), r"\1stage\2.\3.downsample.0."),
+    (re.compile(r"^(backbone\.)?stage(\d)\.(\d+)\.shortcut\.bn\."), r"\1stage\2.\3.downsample.1."),
+    (re.compile(r"^(backbone\.)?stage(\d)\."), r"\1layer\2."),
 )
 
 
-def from_torchvision_keys(state_dict: dict) -> dict:
-    """Rename a torchvision ResNet state_dict's keys to ours; the classifier (fc.*) is dropped."""
-    mapped = {}
+def from_old_backbone_keys(state_dict: dict) -> dict:
+    """The state_dict (of a model: "backbone.*" keys, or of a backbone) with the backbone's names of structalign
+    checkpoints saved before the torchvision layout renamed to today's; other keys and the order unchanged."""
+    out = {}
     for key, value in state_dict.items():
-        if key.startswith("fc."):
-            continue
-        for pattern, repl in _TORCHVISION_RULES:
+        for pattern, repl in _OLD_NAMES:
             key = pattern.sub(repl, key)
-        mapped[key] = value
-    return mapped
+        out[key] = value
+    return out
 
 
 def _strip_prefixes(state_dict: dict) -> dict:
-    """Drop wrappers' prefixes (DDP "module.", torch.compile "_orig_mod."); of a whole model keep "backbone.*"."""
+    """Drop wrappers' prefixes (DDP "module.", torch.compile "_orig_mod.") and a torchvision classifier (fc.*); of a
+    whole model keep "backbone.*"."""
     out = {}
     for key, value in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
-        out[key] = value
+        if not key.startswith("fc."):
+            out[key] = value
     if any(k.startswith("backbone.") for k in out):
         out = {k[len("backbone."):]: v for k, v in out.items() if k.startswith("backbone.")}
     return out
@@ -174,14 +173,13 @@ def read_state_dict(source) -> dict:
 
 
 def load_backbone_weights(backbone: ResNet, source) -> None:
-    """Load a local state_dict (ours or torchvision's layout; path or mapping) into `backbone`, strictly.
+    """Load a local state_dict (a torchvision ResNet's, or a structalign model's; path or mapping) into `backbone`,
+    strictly.
 
     Raises ValueError naming missing / unexpected keys or the first shape mismatch (e.g. resnet18 weights offered to
     a resnet50).
     """
-    state = _strip_prefixes(read_state_dict(source))
-    if "conv1.weight" in state or any(k.startswith("layer1.") for k in state):
-        state = from_torchvision_keys(state)
+    state = from_old_backbone_keys(_strip_prefixes(read_state_dict(source)))
     own = backbone.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -64,6 +64,12 @@ def _warn_no_cuda_kernels() -> None:
                   "tensors. Rebuild with a CUDA toolkit (STRUCTALIGN_CUDA=1 make ext) for the C++/CUDA kernels.")
 
 
+def check_op_backend(op_backend) -> None:
+    """ValueError unless op_backend (a module's per-call backend choice) is None or one of BACKENDS."""
+    if op_backend is not None and op_backend not in BACKENDS:
+        raise ValueError(f"op_backend must be None or one of {BACKENDS}, got {op_backend!r}")
+
+
 def set_backend(name: str) -> None:
     """Set the default backend for every op ("auto", "reference", "cpp" or "triton")."""
     global _global_backend

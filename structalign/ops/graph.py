@@ -117,11 +117,6 @@ class LandmarkGraph(_DeviceCache):
             indptr.append(len(indices))
         return cls(torch.tensor(indptr), torch.tensor(indices))
 
-    @classmethod
-    def from_neighbor_lists(cls, neighbors: Sequence[Sequence[int]], symmetric: bool = True) -> "LandmarkGraph":
-        """Graph from per-node neighbour lists (e.g. the top-k lists of method.md §1.2)."""
-        return cls.from_edges(len(neighbors), ((i, j) for i, js in enumerate(neighbors) for j in js), symmetric)
-
     def dense_mask(self) -> torch.Tensor:
         """Bool Tensor[N, N], True where row i lists j (self loops included)."""
         mask = torch.zeros(self.num_nodes, self.num_nodes, dtype=torch.bool)

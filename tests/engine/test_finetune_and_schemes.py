@@ -73,7 +73,7 @@ def test_fine_tuning_a_98_point_model_on_68_point_data(trained98, list68, tmp_pa
     assert "re-initialised (shape differs): shape_prior" in out
     source = load_checkpoint(trained98)["ema"]["module"]
     assert result["model"].scheme.num_points == 68
-    assert not torch.equal(result["model"].state_dict()["backbone.stem.conv.weight"], source["backbone.stem.conv.weight"])
+    assert not torch.equal(result["model"].state_dict()["backbone.conv1.weight"], source["backbone.conv1.weight"])
     # The checkpoint carries the 68-point scheme's content and nothing of the run's files is needed to evaluate it.
     saved = load_checkpoint(result["best_checkpoint"])
     assert resolve_scheme(saved["model_args"]["scheme"]).num_points == 68
