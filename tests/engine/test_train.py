@@ -124,6 +124,8 @@ def test_ddp_two_processes_keep_identical_parameters_and_stop_together(synth_roo
     mp.spawn(_ddp_worker, args=(2, _free_port(), synth_root, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert len(r0["losses"]) == 2 and all(math.isfinite(v) for v in r0["losses"])
+    # Each rank reports the global loss (the all-reduced mean), not its own shard's: a rank that logged its local
+    # losses would differ here (the shards hold different images).
     assert r0["losses"] == r1["losses"] and r0["interrupted"] and r1["interrupted"]
     assert torch.equal(r0["params"], r1["params"])
     assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 2
