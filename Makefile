@@ -21,6 +21,11 @@ $(VENV)/.installed: requirements-cpu.txt
 	$(PY) -m pip install -q -r requirements-cpu.txt
 	touch $@
 
+# The test suite's own packages (pytest, hypothesis, import-linter, scikit-image) on top of the runtime.
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
 # Editable install once (registers the package and the `structalign` command; STRUCTALIGN_NO_EXT=1 leaves the
 # extension to `ext`, which compiles it once, incrementally, instead of pip compiling it first in a temp dir).
 $(VENV)/.editable: $(VENV)/.installed setup.py
@@ -30,7 +35,7 @@ $(VENV)/.editable: $(VENV)/.installed setup.py
 ext: $(VENV)/.editable
 	flock $(BUILD_LOCK) $(PY) setup.py -q build_ext --inplace
 
-test: ext
+test: ext $(VENV)/.installed-test
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q tests
 

@@ -1,6 +1,7 @@
 """Training and evaluation engine: everything meets here (data, models, losses, metrics).
 
-    config.py       frozen dataclasses read from YAML/TOML, checked overrides (load_config)
+    config.py       configs read from YAML/TOML (a base + overlays), `section.key=value` overrides (load_config)
+    config_schema.py  the typed, frozen sections of a config on pydantic (Config, config_from_dict, ConfigError)
     train.py        the training loop, one process or DDP under torchrun (train)
     evaluate.py     evaluation on all ranks with all-reduced per-image results (evaluate)
     report.py       a checkpoint's evaluation files: metrics, report, CSV, CED plot, overlays (evaluate_checkpoint)

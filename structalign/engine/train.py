@@ -30,7 +30,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from structalign.data import AugmentConfig, make_loader, open_dataset, split_validation
+from structalign.data import make_loader, open_dataset, split_validation
 from structalign.engine.checkpoint import TrainState, architecture, load_checkpoint, remove_stale_temporaries
 from structalign.engine.config import Config, ConfigError, check_data_root
 from structalign.engine.distributed import all_reduce_sum, setup_distributed, teardown_distributed
@@ -41,7 +41,7 @@ from structalign.engine.optim import build_optimizer, build_scheduler, scaled_lr
 from structalign.engine.precision import autocast_for
 from structalign.errors import StructalignError
 from structalign.landmarks import LandmarkScheme, resolve_scheme
-from structalign.losses import build_criterion, build_point_loss
+from structalign.losses import build_criterion
 from structalign.models import build_model
 
 # Settings the data position of a checkpoint depends on (batches per epoch, sample order, validation split).
@@ -50,16 +50,6 @@ RESUME_FIXED = ("train.batch_size", "train.accumulate", "train.seed", "data.val_
 
 class NonFiniteLossError(StructalignError, FloatingPointError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
-
-
-def augment_config(cfg: Config):
-    """data.augment as a structalign.data.AugmentConfig (None = no augmentation); ConfigError for unknown keys."""
-    if cfg.data.augment is None:
-        return None
-    try:
-        return AugmentConfig(**cfg.data.augment)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"data.augment: {exc}") from None
 
 
 def model_args(cfg: Config, scheme: LandmarkScheme) -> dict:
@@ -152,11 +142,6 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
     """
     # -- checks before any work -------------------------------------------------------------------------------------
     check_data_root(cfg)
-    augment = augment_config(cfg)
-    try:
-        build_point_loss(cfg.loss.name, **cfg.loss.params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"loss: {exc}") from None
     if resume is not None and not os.path.isfile(resume):
         raise ConfigError(f"--resume: checkpoint {resume!r} does not exist")
     if cfg.model.init_from is not None and not os.path.isfile(cfg.model.init_from):
@@ -184,7 +169,7 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
                  padding=cfg.data.crop_padding, on_error=cfg.data.on_error)
     skipped_path = os.path.join(tc.out_dir, "skipped.txt")  # bad annotations, then images found bad while training
     train_loader = loader if loader is not None else make_loader(
-        train_ds, tc.batch_size, train=True, balance=cfg.data.balance, augment=augment, drop_last=True,
+        train_ds, tc.batch_size, train=True, balance=cfg.data.balance, augment=cfg.data.augment, drop_last=True,
         skip_log=skipped_path, **shard)
     val_loader = make_loader(val_ds, tc.eval_batch_size, train=False, drop_last=False, skip_log=skipped_path,
                              **shard) if val_ds else None
@@ -209,7 +194,7 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     # NaN targets are caught on the device by the loop below, not by a host sync in the criterion.
     criterion = build_criterion(cfg.loss.name, relative=cfg.loss.relative, relative_weight=cfg.loss.relative_weight,
-                                scheme=scheme, check_targets=False, **cfg.loss.params).to(device)
+                                scheme=scheme, check_targets=False, **cfg.loss.params.model_dump()).to(device)
     ema = EMA(raw_model, tc.ema_decay) if tc.ema_decay > 0 else None
     global_batch = tc.batch_size * tc.accumulate * env.world_size
     optimizer = build_optimizer(raw_model, cfg.optim, scaled_lr(cfg.optim, global_batch))
