@@ -514,62 +514,53 @@ def step_benchmark(r: Runner, env: dict, info: dict, extra: list) -> dict | None
     return bench
 
 
-def step_train_benchmark(r: Runner, env: dict) -> None:
-    """benchmarks/train.py's training loop for 200 steps (6 tiny steps on the CPU in a dry run): images/s."""
-    name = "train_bench"
-    out_json = os.path.join(r.out, "train_bench.json")
+def _benchmark_rows_step(r: Runner, env: dict, name: str, cmd: list, min_seconds: float, summary) -> None:
+    """Run a benchmark script that writes {"rows": [...]} to OUT/<name>.json (cmd gets --json appended) and record
+    it: ok when it exits 0 with rows, each row summarised by summary(row) (None leaves the row out of the text)."""
+    out_json = os.path.join(r.out, f"{name}.json")
     if os.path.exists(out_json):
         os.remove(out_json)
     timeout = r.timeout_for(name)
-    if not r.dry_run and timeout < 30:
+    if not r.dry_run and timeout < min_seconds:
         r.record(name, "skipped", f"no time left in the {r.budget:.0f} s budget")
         return
-    cmd = [r.python, os.path.join("benchmarks", "train.py"), "--sections", "loop", "--json", out_json]
-    cmd += ["--dry-run"] if r.dry_run else ["--steps", "200"]
-    res = r.run(name, cmd, env, timeout)
+    res = r.run(name, cmd + ["--json", out_json], env, timeout)
     rows = []
     if os.path.exists(out_json):
         with open(out_json) as f:
             rows = json.load(f)["rows"]
     status = "timeout" if res["timed_out"] else ("ok" if res["returncode"] == 0 and rows else "failed")
-    text = "; ".join(f"{x['case']} batch {x['batch']} {x['precision']}, {x['data']} data: "
-                     f"{_f(x['images_per_s'], '{:.0f}')} img/s, data wait "
-                     f"{_f(x['data_wait_share'] and 100 * x['data_wait_share'], '{:.0f}')} %" +
-                     (f" (target {x['target_images_per_s']}: {'met' if x['meets_target'] else 'MISSED'})"
-                      if "meets_target" in x else "") for x in rows) or f"no results (rc={res['returncode']})"
+    text = "; ".join(t for t in map(summary, rows) if t) or f"no results (rc={res['returncode']})"
     r.record(name, status, ("dry run: " if r.dry_run else "") + text, res["seconds"], command=res["command"],
              returncode=res["returncode"], log=res["log"],
-             details={"json": "train_bench.json" if rows else None, "rows": rows,
+             details={"json": f"{name}.json" if rows else None, "rows": rows,
                       "output_tail": tail(res["output"], 1500) if not rows or res["returncode"] else ""})
+
+
+def step_train_benchmark(r: Runner, env: dict) -> None:
+    """benchmarks/train.py's training loop for 200 steps (6 tiny steps on the CPU in a dry run): images/s."""
+    cmd = [r.python, os.path.join("benchmarks", "train.py"), "--sections", "loop"]
+    cmd += ["--dry-run"] if r.dry_run else ["--steps", "200"]
+
+    def summary(x: dict) -> str:
+        target = (f" (target {x['target_images_per_s']}: {'met' if x['meets_target'] else 'MISSED'})"
+                  if "meets_target" in x else "")
+        return (f"{x['case']} batch {x['batch']} {x['precision']}, {x['data']} data: "
+                f"{_f(x['images_per_s'], '{:.0f}')} img/s, data wait "
+                f"{_f(x['data_wait_share'] and 100 * x['data_wait_share'], '{:.0f}')} %" + target)
+
+    _benchmark_rows_step(r, env, "train_bench", cmd, 30, summary)
 
 
 def step_head_benchmark(r: Runner, env: dict) -> None:
     """benchmarks/head.py: the L-GRN head's non-GEMM share with the fused layer and today's, B = 1024 and 4096 bf16
     on the GPU (B = 2 fp32 on the CPU in a dry run)."""
-    name = "head_bench"
-    out_json = os.path.join(r.out, "head_bench.json")
-    if os.path.exists(out_json):
-        os.remove(out_json)
-    timeout = r.timeout_for(name)
-    if not r.dry_run and timeout < 20:
-        r.record(name, "skipped", f"no time left in the {r.budget:.0f} s budget")
-        return
-    cmd = [r.python, os.path.join("benchmarks", "head.py"), "--providers", "gemm,fused,today", "--json", out_json]
+    cmd = [r.python, os.path.join("benchmarks", "head.py"), "--providers", "gemm,fused,today"]
     cmd += (["--device", "cpu", "--batches", "2", "--reps", "1", "--warmup", "0"] if r.dry_run else
             ["--device", "cuda", "--dtype", "bf16", "--batches", "1024,4096", "--reps", "10", "--warmup", "2"])
-    res = r.run(name, cmd, env, timeout)
-    rows = []
-    if os.path.exists(out_json):
-        with open(out_json) as f:
-            rows = json.load(f)["rows"]
-    status = "timeout" if res["timed_out"] else ("ok" if res["returncode"] == 0 and rows else "failed")
-    text = "; ".join(f"B {x['batch']} {x['dtype']} {x['provider']}: {_f(x['median_ms'], '{:.2f}')} ms, non-GEMM "
-                     f"{_f(x['non_gemm_share'] * 100, '{:.0f}')} %" for x in rows if "non_gemm_share" in x) or \
-        f"no results (rc={res['returncode']})"
-    r.record(name, status, ("dry run: " if r.dry_run else "") + text, res["seconds"], command=res["command"],
-             returncode=res["returncode"], log=res["log"],
-             details={"json": "head_bench.json" if rows else None, "rows": rows,
-                      "output_tail": tail(res["output"], 1500) if not rows or res["returncode"] else ""})
+    _benchmark_rows_step(r, env, "head_bench", cmd, 20, lambda x: (
+        f"B {x['batch']} {x['dtype']} {x['provider']}: {_f(x['median_ms'], '{:.2f}')} ms, non-GEMM "
+        f"{_f(x['non_gemm_share'] * 100, '{:.0f}')} %" if "non_gemm_share" in x else None))
 
 
 # ---- results ---------------------------------------------------------------------------------------------------------
