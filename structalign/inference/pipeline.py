@@ -4,6 +4,7 @@ optional flip test -> landmarks in original-image pixels. A predictor only suppl
 Results: one `ImageLandmarks` per input image, each with its faces (`FaceLandmarks`: box, detector score,
 landmarks float32[N, 2] in image pixels, pixel centres at integers) or the error that stopped it.
 """
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -85,7 +86,7 @@ def flip_permutation(scheme: Optional[LandmarkScheme], num_points: int) -> np.nd
     return flip
 
 
-class LandmarkPipeline:
+class LandmarkPipeline(ABC):
     """The shared inference steps. Subclasses set scheme (LandmarkScheme or None), num_points, image_size, padding
     and implement _forward(crops uint8[B, S, S, 3]) -> float32[B, N, 2] crop pixels, then call _setup."""
 
@@ -108,8 +109,9 @@ class LandmarkPipeline:
     def scheme_name(self) -> Optional[str]:
         return None if self.scheme is None else self.scheme.name
 
+    @abstractmethod
     def _forward(self, crops: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The model on crops (uint8[B, S, S, 3]): landmarks float32[B, N, 2] in crop pixels."""
 
     def predict(self, images, boxes=None, on_error: str = "raise") -> list:
         """ImageLandmarks per image of `images` (a path, folder, numpy uint8 [H, W, 3] array, PIL image, torch
