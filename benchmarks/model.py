@@ -40,7 +40,7 @@ def cpp_problem(device: torch.device) -> str | None:
     try:
         model = build_model(backbone="resnet18", image_size=64, head_width=8, num_blocks=0, backbone_width=8,
                             op_backend="cpp").to(device)
-        loss, _ = build_criterion(op_backend="cpp")(model(torch.rand(2, 3, 64, 64, device=device)),
+        loss, _ = build_criterion(op_backend="cpp")(model(torch.rand(2, 3, 64, 64, device=device))[0],
                                                    torch.rand(2, 98, 2, device=device) * 64)
         loss.backward()
     except RuntimeError as exc:
@@ -58,12 +58,12 @@ def make_case(backbone: str, size: int, batch: int, backend: str, device) -> dic
     target = torch.rand(batch, 98, 2, device=device) * size
     with torch.no_grad():
         nodes, pooled = model.head_input(model.features(images))
-        pred = model(images)
+        pred, _ = model(images)
     nodes, pred = nodes.detach().requires_grad_(), pred.detach().requires_grad_()
 
     def step():
         model.zero_grad(set_to_none=True)
-        loss, _ = criterion(model(images), target)
+        loss, _ = criterion(model(images)[0], target)
         loss.backward()
 
     def head():

@@ -38,6 +38,7 @@ BATCH = 8
 
 def make_checkpoint(folder: str, name: str, args: dict) -> str:
     path = os.path.join(folder, name.split()[0] + ".pt")
+    args = {"visibility_head": True, **args}  # as training writes it (absent: a checkpoint from before the head)
     model = build_model(scheme="wflw98", **args)
     torch.save({"model": model.state_dict(), "ema": None, "model_args": {"scheme": "wflw98", **args},
                 "config": {"data": {"image_size": args["image_size"]}, "train": {"precision": "fp32"}}}, path)

@@ -148,7 +148,7 @@ def step_breakdown(data_root: str, case: str, loader_backend: str, steps: int, d
         _sync(device)
         t1 = time.perf_counter()
         with autocast():
-            pred = model(b.images)
+            pred, _ = model(b.images)
         loss, _ = criterion(pred.float(), b.landmarks)
         _sync(device)
         t2 = time.perf_counter()

@@ -35,6 +35,10 @@ def _train(args) -> int:
     return 130 if result["interrupted"] else 0
 
 
+def _pct(value) -> str:
+    return "-" if value is None or value != value else f"{value:.3f}%"
+
+
 def _eval(args) -> int:
     from structalign.engine.report import evaluate_checkpoint
 
@@ -43,6 +47,11 @@ def _eval(args) -> int:
                                  device=args.device, norm=args.norm)
     s = report["summary"]
     print(f"{args.split}: {s['images']} images  NME ({args.norm}) {s['nme']:.3f}%  FR@0.1 {s['fr']:.2f}%  AUC@0.1 {s['auc']:.4f}")
+    if s["heavy_occlusion"] is not None:
+        auroc = s["visibility_auroc"]
+        print(f"  occluded points NME {_pct(s['nme_occluded'])}  visible points NME {_pct(s['nme_visible'])}  "
+              f"{s['heavy_occlusion']['count']} faces >= 20 % occluded: NME {_pct(s['heavy_occlusion']['nme'])} "
+              f"FR@0.1 {_pct(s['heavy_occlusion']['fr'])}  visibility AUROC {'-' if auroc is None else f'{auroc:.3f}'}")
     for name, row in (report.get("subsets") or {}).items():
         print(f"  {name:<14} " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, (int, float))))
     if args.out:

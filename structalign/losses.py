@@ -11,7 +11,7 @@ paper's code does, so mmpose's value is ours times 2N. The paper's constants (2,
 
 `build_criterion` makes the training criterion: absolute_weight * loss(pred, target) + relative_weight * the
 relative-location loss (the same element-wise loss on Laplacian coordinates, through
-structalign.ops.relative_location_loss).
+structalign.ops.relative_location_loss). `visibility_loss` trains the visibility head on the labelled points.
 """
 from __future__ import annotations
 
@@ -44,6 +44,18 @@ def weighted_mean(elem: torch.Tensor, weight: torch.Tensor | None) -> torch.Tens
         return elem.mean()
     weight = weight.to(elem.dtype).expand_as(elem)
     return (elem * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def visibility_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of visibility logits (Tensor[B, N], logit of P(visible)) against labels (Tensor[B, N]:
+    1 visible, 0 occluded, -1 unlabelled), averaged over the labelled points; 0 when none is labelled (no host
+    sync either way)."""
+    if logits.shape != labels.shape:
+        raise ValueError(f"visibility logits have shape {list(logits.shape)} but the labels {list(labels.shape)}")
+    labelled = labels >= 0
+    bce = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float().clamp_min(0),
+                                                         reduction="none")
+    return weighted_mean(bce, labelled)
 
 
 class PointLoss(nn.Module, ABC):

@@ -8,6 +8,7 @@ scheme) or the box size sqrt(w h) of the target landmarks. Errors are fractions;
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import mannwhitneyu
 
 from structalign.errors import InputError
 from structalign.landmarks import LandmarkScheme, resolve_scheme
@@ -122,3 +123,44 @@ def subset_table(errors, attributes, threshold: float = 0.1, names=WFLW_SUBSETS)
         table[name] = {**stats, "count": int(sel.size)}
     return table
 
+
+
+HEAVY_OCCLUSION = 0.2  # a face is heavily occluded when at least this share of its labelled points is occluded
+
+
+def occlusion_table(point_errors, visibility, threshold: float = 0.1, heavy: float = HEAVY_OCCLUSION) -> dict:
+    """NME on occluded and on visible points, and the faces with at least `heavy` of their labelled points occluded.
+
+    point_errors (array[B, N], fractions); visibility (array[B, N]: 1 visible, 0 occluded, -1 unlabelled).
+    Returns {"nme_occluded", "nme_visible" (% over the points with that label; None where there are none),
+    "heavy": {nme, fr, auc, count} over the heavily occluded faces (NaN metrics when there are none)}; None when no
+    point is labelled.
+    """
+    err = np.asarray(point_errors, dtype=np.float64)
+    labels = np.asarray(visibility)
+    if err.ndim != 2 or labels.shape != err.shape:
+        raise InputError(f"point_errors and visibility must both have shape [B, N], got {list(err.shape)} and "
+                         f"{list(labels.shape)}")
+    occluded, visible = labels == 0, labels == 1
+    labelled = (occluded | visible).sum(axis=1)
+    if not labelled.any():
+        return None
+    share = occluded.sum(axis=1) / np.maximum(labelled, 1)
+    faces = err.mean(axis=1)[(labelled > 0) & (share >= heavy)]
+    heavy_stats = summarize(faces, threshold) if faces.size else {"nme": np.nan, "fr": np.nan, "auc": np.nan}
+    return {"nme_occluded": float(100 * err[occluded].mean()) if occluded.any() else None,
+            "nme_visible": float(100 * err[visible].mean()) if visible.any() else None,
+            "heavy": {**heavy_stats, "count": int(faces.size)}}
+
+
+def visibility_auroc(scores, visibility) -> float | None:
+    """Area under the ROC curve of scores (array[B, N], P(visible)) for telling visible (label 1) from occluded
+    (label 0) points (unlabelled -1 ignored): the Mann-Whitney U statistic / (n_visible n_occluded); None when
+    either class is empty."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(visibility)
+    if scores.shape != labels.shape:
+        raise InputError(f"scores must match the labels' shape {list(labels.shape)}, got {list(scores.shape)}")
+    visible, occluded = scores[labels == 1], scores[labels == 0]
+    if not visible.size or not occluded.size:
+        return None
+    return float(mannwhitneyu(visible, occluded).statistic / (visible.size * occluded.size))

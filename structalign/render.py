@@ -25,10 +25,11 @@ def _fixed(value: float) -> int:
     return int(round(float(value) * _SCALE))
 
 
-def draw_landmarks(rgb: np.ndarray, points=(), reference=(), boxes=()) -> np.ndarray:
+def draw_landmarks(rgb: np.ndarray, points=(), reference=(), boxes=(), occluded=()) -> np.ndarray:
     """A copy of rgb (uint8[H, W, 3]) with the boxes (each x0, y0, x1, y1) in yellow, then the reference point sets
     (each array[N, 2]) in green, then the point sets (each array[N, 2]) in red; dots of radius max(H, W) / 200 px,
-    at least 1 px."""
+    at least 1 px. occluded: per point set of `points`, bool[N] or None: its True points are drawn as rings (1.5 x
+    the dot radius, hollow) instead of dots, e.g. points predicted occluded."""
     out = np.array(rgb, dtype=np.uint8, order="C", copy=True)
     if out.ndim != 3 or out.shape[2] != 3:
         raise InputError(f"an overlay needs an RGB image of shape [H, W, 3], got {list(out.shape)}")
@@ -36,10 +37,18 @@ def draw_landmarks(rgb: np.ndarray, points=(), reference=(), boxes=()) -> np.nda
     for x0, y0, x1, y1 in boxes:
         cv2.rectangle(out, (_fixed(x0), _fixed(y0)), (_fixed(x1), _fixed(y1)), BOX_COLOUR,
                       max(1, round(radius / 2)), cv2.LINE_AA, shift=_SHIFT)
-    for point_sets, colour in ((reference, REFERENCE_COLOUR), (points, PREDICTION_COLOUR)):
-        for pts in point_sets:
-            for x, y in np.asarray(pts, dtype=np.float64).reshape(-1, 2):
-                cv2.circle(out, (_fixed(x), _fixed(y)), _fixed(radius), colour, -1, cv2.LINE_AA, shift=_SHIFT)
+    rings = list(occluded) + [None] * (len(points) - len(occluded))
+    for point_sets, colour, hollow in ((reference, REFERENCE_COLOUR, [None] * len(reference)),
+                                       (points, PREDICTION_COLOUR, rings)):
+        for pts, ring in zip(point_sets, hollow):
+            pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+            ring = np.zeros(len(pts), bool) if ring is None else np.asarray(ring, bool).reshape(-1)
+            if len(ring) != len(pts):
+                raise InputError(f"occluded: {len(ring)} flags for a set of {len(pts)} points")
+            for (x, y), hollow_point in zip(pts, ring):
+                size, thickness = ((_fixed(1.5 * radius), max(1, round(radius / 2))) if hollow_point
+                                   else (_fixed(radius), -1))  # thickness -1: filled
+                cv2.circle(out, (_fixed(x), _fixed(y)), size, colour, thickness, cv2.LINE_AA, shift=_SHIFT)
     return out
 
 

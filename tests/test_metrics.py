@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from structalign.landmarks import COFW29, IBUG68, WFLW98
-from structalign.metrics import ced_curve, per_image_nme, per_point_error, subset_table, summarize
+from structalign.metrics import (ced_curve, occlusion_table, per_image_nme, per_point_error, subset_table, summarize,
+                                 visibility_auroc)
 
 
 def faces(scheme, batch, ocular_distance=40.0, seed=0):
@@ -86,3 +87,30 @@ def test_bad_input():
         summarize([])
     with pytest.raises(ValueError, match="finite"):
         summarize([0.1, np.nan])
+
+
+def test_occlusion_table_splits_points_by_label_and_finds_heavily_occluded_faces():
+    errors = np.array([[0.02, 0.04, 0.30, 0.10, 0.20],    # 1 of 4 labelled points occluded: 25 % -> heavy
+                       [0.01, 0.01, 0.01, 0.01, 0.01],    # none occluded
+                       [0.50, 0.50, 0.50, 0.50, 0.50]])   # nothing labelled: in neither group
+    labels = np.array([[1, 1, 0, 1, -1], [1, 1, 1, 1, 1], [-1, -1, -1, -1, -1]])
+    table = occlusion_table(errors, labels, threshold=0.1)
+    assert table["nme_occluded"] == pytest.approx(30.0)
+    assert table["nme_visible"] == pytest.approx(100 * np.mean([0.02, 0.04, 0.10] + [0.01] * 5))
+    heavy = table["heavy"]
+    assert heavy["count"] == 1 and heavy["nme"] == pytest.approx(100 * errors[0].mean()) and heavy["fr"] == 100.0
+    assert occlusion_table(errors, -np.ones_like(labels)) is None
+    with pytest.raises(ValueError, match=r"\[B, N\]"):
+        occlusion_table(errors, labels[:, :4])
+
+
+def test_visibility_auroc_is_the_share_of_correctly_ordered_pairs():
+    rng = np.random.default_rng(0)
+    labels = rng.choice([-1, 0, 1], size=(20, 30))
+    scores = np.round(rng.uniform(size=(20, 30)) + 0.3 * (labels == 1), 1)  # ties on purpose
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert visibility_auroc(scores, labels) == pytest.approx(pairs)
+    assert visibility_auroc(scores, np.where(labels == 0, 1, labels)) is None  # no occluded point
+    with pytest.raises(ValueError, match="shape"):
+        visibility_auroc(scores[:, :3], labels)

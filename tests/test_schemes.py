@@ -76,7 +76,7 @@ def test_a_custom_scheme_with_derived_graph_and_relations():
     assert knn_neighbors(SQUARE, 1) == ((4,), (4,), (5,), (5,), (0,), (2,))
     model = build_model("lgrn", "resnet18", scheme, image_size=64, head_width=16, num_blocks=1, backbone_width=8,
                         op_backend="reference")
-    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 6, 2)
+    assert model(torch.rand(1, 3, 64, 64))[0].shape == (1, 6, 2)
     with pytest.raises(SchemeError, match="k must be"):
         knn_neighbors(SQUARE, 6)
     with pytest.raises(SchemeError, match="NaN"):

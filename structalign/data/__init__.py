@@ -10,12 +10,16 @@ from structalign.data.augment import CROP_PADDING, NORM_MEAN, NORM_STD, AugmentC
 from structalign.data.batches import Batch
 from structalign.data.datasets import open_dataset, split_validation
 from structalign.data.loader import make_loader
-from structalign.data.records import DatasetError, FaceDataset, FaceRecord, Problem, Skipped, write_skipped
+from structalign.data.records import (OCCLUDED, UNLABELLED, VISIBLE, DatasetError, FaceDataset, FaceRecord, Problem,
+                                      Skipped, write_skipped)
 
 __all__ = [
     "CROP_PADDING",
     "NORM_MEAN",
     "NORM_STD",
+    "OCCLUDED",
+    "UNLABELLED",
+    "VISIBLE",
     "AugmentConfig",
     "Batch",
     "DatasetError",

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from structalign.data.records import OCCLUDED, UNLABELLED
+
 NORM_MEAN = (123.675, 116.28, 103.53)
 NORM_STD = (58.395, 57.12, 57.375)
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -162,14 +164,17 @@ def inside_crop(points: np.ndarray, size: int) -> np.ndarray:
 
 
 def crop_visibility(points: np.ndarray, visibility: np.ndarray, size: int, occlusion) -> np.ndarray:
-    """visibility (float32[N]) of crop points (float[N, 2]): 0 outside the crop or under the occlusion rectangle."""
-    inside = inside_crop(points, size)
+    """Visibility labels (float32[N]) of crop points (float[N, 2]) given the record's (float32[N], same order):
+    UNLABELLED outside the crop (neither visible nor occluded: not in the picture, yet not hidden by anything),
+    OCCLUDED inside the crop under the occlusion rectangle (x0, y0, x1, y1, half-open pixels, or None; exact, so
+    even where the record has no label), otherwise the record's label."""
+    labels = np.where(inside_crop(points, size), visibility, UNLABELLED).astype(np.float32)
     if occlusion is not None:
         x0, y0, x1, y1 = occlusion
         under = ((points[:, 0] >= x0 - 0.5) & (points[:, 0] < x1 - 0.5) &
                  (points[:, 1] >= y0 - 0.5) & (points[:, 1] < y1 - 0.5))
-        inside &= ~under
-    return (visibility * inside).astype(np.float32)
+        labels[under] = OCCLUDED
+    return labels
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ def replacements(index: int, size: int):
 @dataclass
 class Batch:
     """images (Tensor[B, 3, S, S] float32, normalised), landmarks (Tensor[B, N, 2] float32, crop pixels),
-    visibility (Tensor[B, N] float32: 0 outside the crop, under the occlusion rectangle, or annotated occluded),
+    visibility (Tensor[B, N] float32 labels, augment.crop_visibility: 1 visible, 0 occluded (annotated so, or under
+    the random occlusion rectangle), -1 unlabelled (the record has no label, or the point lies outside the crop)),
     index (LongTensor[B] dataset indices), matrix (Tensor[B, 2, 3] float32, original-image -> crop pixels),
     attributes (LongTensor[B, 6] or None), in_crop (Tensor[B, N] float32: 1 where the landmark lies inside the crop,
     the loss weights of data.out_of_crop=ignore); all on the loader's device."""

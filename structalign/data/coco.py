@@ -2,15 +2,19 @@
 
 Layout: ROOT/annotations/<name>_<split>.json (e.g. face_landmarks_wflw_train.json) and ROOT/images/<file_name>
 (or file_name relative to ROOT). Each annotation gives `keypoints` (K x [x, y, v]), `bbox` [x, y, w, h] and
-`image_id`; K picks the shipped scheme (98, 68, 29) unless a scheme is given (any K). v = 0 marks an
-unlabelled point (visibility 0).
+`image_id`; K picks the shipped scheme (98, 68, 29) unless a scheme is given (any K). The COCO flag v gives the
+visibility label: v = 2 VISIBLE, v = 1 OCCLUDED (labelled, not visible), v = 0 UNLABELLED (its x, y are kept as
+written, like every other point's).
 """
 import glob
 import os
 
 import numpy as np
 
-from structalign.data.records import DatasetError, FaceDataset, Problems, make_record, read_json
+from structalign.data.records import (OCCLUDED, UNLABELLED, VISIBLE, DatasetError, FaceDataset, Problems,
+                                      make_record, read_json)
+
+_LABELS = {0: UNLABELLED, 1: OCCLUDED, 2: VISIBLE}  # COCO keypoint flag v -> visibility label
 
 
 def annotation_path(root: str, split: str) -> str:
@@ -57,12 +61,16 @@ def read_coco(root: str, split: str = "train", on_error: str = "raise",
         if not isinstance(file_name, str):
             problems.report(source, entry, f"image {ann['image_id']} has no file_name")
             continue
+        bad_flags = sorted({v for v in keypoints[:, 2].tolist() if v not in _LABELS})
+        if bad_flags:
+            problems.report(source, entry, f"keypoint flags v must be 0, 1 or 2, got {bad_flags}")
+            continue
         entry_scheme = problems.entry_scheme(found, len(keypoints), source, entry, "keypoints")
         if entry_scheme is None:
             continue
         found = entry_scheme
         record = make_record(problems, source, entry, _image_path(root, file_name), keypoints[:, :2],
-                             [x, y, x + w, y + h], visibility=(keypoints[:, 2] > 0).astype(np.float32),
+                             [x, y, x + w, y + h], visibility=[_LABELS[v] for v in keypoints[:, 2].tolist()],
                              declared_size=sizes.get(ann["image_id"]))
         if record is not None:
             records.append(record)

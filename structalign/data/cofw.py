@@ -1,7 +1,8 @@
 """COFW reader: the 29-point colour release COFW_train_color.mat / COFW_test_color.mat.
 
 Train holds IsTr (images), phisTr (rows: 29 x, 29 y, 29 occlusion flags, 1-based) and bboxesTr (x y w h, 1-based);
-test holds IsT / phisT / bboxesT. MATLAB v7.3 files (HDF5) are read with h5py, older v5 files with scipy.io.loadmat.
+test holds IsT / phisT / bboxesT. A point whose occlusion flag is > 0 is OCCLUDED, every other one VISIBLE.
+MATLAB v7.3 files (HDF5) are read with h5py, older v5 files with scipy.io.loadmat.
 The images live inside the .mat, so the first open performs a one-time conversion: each image is written losslessly
 to ROOT/COFW_images/<split>/<entry>.png (or under cache_dir), and later opens reuse those files.
 """
@@ -9,7 +10,8 @@ import os
 
 import numpy as np
 
-from structalign.data.records import DatasetError, FaceDataset, Problems, make_record, require_file
+from structalign.data.records import (OCCLUDED, VISIBLE, DatasetError, FaceDataset, Problems, make_record,
+                                      require_file)
 from structalign.landmarks import COFW29
 
 FILES = {"train": ("COFW_train_color.mat", "IsTr", "phisTr", "bboxesTr"),
@@ -97,7 +99,8 @@ def read_cofw(root: str, split: str = "train", on_error: str = "raise",
         landmarks = np.stack([phi[:n], phi[n:2 * n]], axis=1) - 1.0
         x, y, w, h = box
         record = make_record(problems, path, i + 1, image_path, landmarks, [x - 1, y - 1, x - 1 + w, y - 1 + h],
-                             visibility=1.0 - (phi[2 * n:] > 0), image_size=(image.shape[1], image.shape[0]))
+                             visibility=np.where(phi[2 * n:] > 0, OCCLUDED, VISIBLE),
+                             image_size=(image.shape[1], image.shape[0]))
         if record is not None:
             records.append(record)
     return FaceDataset(records, COFW29, f"cofw:{split}", problems.skipped)

@@ -24,6 +24,7 @@ from structalign.data.augment import CROP_PADDING, AugmentConfig, out_of_crop_ra
 from structalign.data.datasets import ANY_COUNT_FORMATS, open_dataset
 from structalign.data.records import ANY_COUNT, DatasetError, FaceDataset, Problem, Skipped
 from structalign.data.reference_pipeline import read_rgb
+from structalign.data.synth import FLAG_RATE, render_dataset
 from structalign.data.wflw import ATTRIBUTES
 from structalign.errors import InputError, MissingFileError
 from structalign.landmarks import propose_scheme, scheme_from_dict, scheme_yaml
@@ -203,10 +204,8 @@ def _scheme(args) -> int:
 
 
 def _synth(args) -> int:
-    from structalign.data.synth import render_dataset
-
     paths = render_dataset(args.out, args.num_train, args.num_test, seed=args.seed, width=args.width,
-                           height=args.height, workers=args.workers)
+                           height=args.height, workers=args.workers, occlusion=args.occlusion)
     print(f"wrote {args.num_train} train and {args.num_test} test faces to {args.out} "
           f"({paths['train']}, {paths['test']}); open with --format wflw")
     return 0
@@ -247,4 +246,7 @@ def register(subparsers) -> None:
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--height", type=int, default=320)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--occlusion", type=float, default=FLAG_RATE,
+                   help=f"probability of a face with occluders, 0..1 (default {FLAG_RATE}); each landmark's "
+                        f"visibility label goes to a sidecar of the annotation file")
     p.set_defaults(run=_synth)

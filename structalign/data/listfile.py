@@ -3,10 +3,12 @@
     ROOT/<split>.csv    one face a row: image, x0, y0, x1, y1 (face box), then x, y of each landmark; an optional
                         header row (its second field is not a number)
     ROOT/<split>.json   [{"image": "a.jpg", "box": [x0, y0, x1, y1], "landmarks": [[x, y], ...],
-                          "visibility": [1, 0, ...] (optional), "tags": ["occlusion", ...] (optional)}, ...]
+                          "visibility": [1, 0, -1, ...] (optional), "tags": ["occlusion", ...] (optional)}, ...]
 
 Image paths are relative to the list file's folder. The landmark count picks the shipped scheme (98, 68, 29)
 unless a scheme is given (`data.scheme`, any count); `tags` name evaluation subsets (`structalign eval` reports each).
+`visibility` labels each landmark 1 (visible), 0 (occluded) or -1 (unlabelled); without it, and in a CSV (which has
+no column for it), every point is unlabelled.
 """
 import csv
 import os

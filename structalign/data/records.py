@@ -26,6 +26,8 @@ FACE_BOXES = ("annotation", "landmarks")
 ANY_COUNT = "any"  # a reader's scheme argument that accepts any point count (for `structalign data scheme`)
 IMAGE_MARGIN = 0.25  # how far (x the image's larger side) a landmark may lie outside the image
 BOX_SLACK = 0.1  # a landmark counts as inside the face box within this fraction of the box side per edge
+VISIBLE, OCCLUDED, UNLABELLED = 1.0, 0.0, -1.0  # per-landmark visibility labels (FaceRecord.visibility)
+VISIBILITY_LABELS = (VISIBLE, OCCLUDED, UNLABELLED)
 
 
 class Problem(enum.Enum):
@@ -57,7 +59,8 @@ class FaceRecord:
 
     image_path: absolute path of the image file; landmarks (float32[N, 2]) in original-image pixels; box
     (float32[4]) x0, y0, x1, y1; attributes (int64[6] pose, expression, illumination, make-up, occlusion, blur flags)
-    or None where the format has none; visibility (float32[N]) 1 = visible, 0 = annotated as occluded;
+    or None where the format has none; visibility (float32[N]) per landmark VISIBLE (1), OCCLUDED (0: something
+    in front of it) or UNLABELLED (-1: the format or the annotation does not say);
     source / line: the annotation it was read from (line None where the format has none); image_size: (width,
     height) from the image header, None where not read; tags: names of the evaluation subsets the face belongs to
     (formats that carry them, e.g. the list reader's JSON), reported per subset by `structalign eval`.
@@ -200,6 +203,11 @@ class FaceDataset:
     def __repr__(self) -> str:
         return f"FaceDataset({self.name!r}, {len(self)} faces, scheme={self.scheme.name}, skipped={len(self.skipped)})"
 
+    @property
+    def has_visibility_labels(self) -> bool:
+        """Whether any record labels any landmark visible or occluded (False: every label is UNLABELLED)."""
+        return any(np.any(r.visibility >= 0) for r in self.records)
+
     def landmarks(self) -> np.ndarray:
         """All landmarks (float32[len, N, 2])."""
         if not self.records:
@@ -287,10 +295,17 @@ def make_record(problems: Problems, source: str, line: Optional[int], image_path
             problems.report(source, line, f"attribute flags must be six 0/1 values, got {attributes.tolist()}")
             return None
     if visibility is None:
-        visibility = np.ones(len(landmarks), np.float32)
+        visibility = np.full(len(landmarks), UNLABELLED, np.float32)
     visibility = np.asarray(visibility, dtype=np.float32)
     if visibility.shape != (len(landmarks),):
-        problems.report(source, line, f"visibility must have {len(landmarks)} entries, got {visibility.shape}")
+        problems.report(source, line, f"{visibility.size} visibility labels (shape {list(visibility.shape)}) for "
+                                      f"{len(landmarks)} landmarks")
+        return None
+    bad = ~np.isin(visibility, VISIBILITY_LABELS)
+    if bad.any():
+        i = int(np.argmax(bad))
+        problems.report(source, line, f"visibility labels must be 1 (visible), 0 (occluded) or -1 (unlabelled), "
+                                      f"got {visibility[i]} for point {i}")
         return None
     size, unreadable = (tuple(image_size), None) if image_size is not None else problems.image_size(image_path)
     if unreadable is not None:

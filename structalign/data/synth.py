@@ -9,6 +9,11 @@ the plane (roll), projected, scaled and placed on a cluttered background; the dr
 landmark sits on visible structure (a corner, an edge, a lip line, a pupil). Illumination (gradients, dark/bright),
 make-up (lip colour, eyeliner), occlusion (patches over parts) and blur vary too, and the six WFLW attribute flags
 record the strong cases. Deterministic for a seed: image i depends only on (seed, split, i).
+
+Each landmark also gets an exact visibility label from the rendering: every occluder is drawn onto a mask too, and a
+landmark is OCCLUDED where the mask covers its nearest pixel centre, VISIBLE elsewhere (UNLABELLED off the image).
+The labels go to a sidecar next to each annotation file, list_98pt_rect_attr_{split}.visibility.txt (one line of 98
+labels 1 / 0 / -1 per annotation line; structalign/data/wflw.py reads it).
 """
 import os
 from functools import partial
@@ -17,9 +22,12 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from structalign.data.records import OCCLUDED, UNLABELLED, VISIBLE
+from structalign.data.wflw import visibility_path
 from structalign.errors import InputError
 
 _SPLIT_STREAM = {"train": 1, "test": 2}
+FLAG_RATE = 0.2  # probability of each attribute flag (pose, expression, illumination, make-up, occlusion, blur)
 
 
 def _template() -> np.ndarray:
@@ -102,13 +110,29 @@ def _background(rng, width: int, height: int) -> Image.Image:
     return image
 
 
-def render_face(rng, width: int = 320, height: int = 320, face_scale=(0.2, 0.3)):
-    """One synthetic face: (PIL RGB image, landmarks float32[98, 2] pixels, box float32[4], attributes int64[6]).
+def mask_visibility(mask: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """Visibility labels (float32[N]) of landmarks (float[N, 2] pixels) under an occluder mask (bool or uint8[H, W],
+    nonzero = covered): OCCLUDED where the mask is set at the nearest pixel centre, VISIBLE where it is not,
+    UNLABELLED where that pixel lies off the image."""
+    height, width = mask.shape
+    col, row = np.rint(landmarks[:, 0]).astype(np.int64), np.rint(landmarks[:, 1]).astype(np.int64)
+    on_image = (col >= 0) & (col < width) & (row >= 0) & (row < height)
+    covered = np.zeros(len(landmarks), bool)
+    covered[on_image] = mask[row[on_image], col[on_image]] != 0
+    return np.where(on_image, np.where(covered, OCCLUDED, VISIBLE), UNLABELLED).astype(np.float32)
 
-    face_scale: range of the half face width as a fraction of min(width, height).
+
+def render_face(rng, width: int = 320, height: int = 320, face_scale=(0.2, 0.3), occlusion: float = FLAG_RATE):
+    """One synthetic face: (PIL RGB image, landmarks float32[98, 2] pixels, box float32[4], attributes int64[6],
+    visibility float32[98] labels from the drawn occluders, see mask_visibility).
+
+    face_scale: range of the half face width as a fraction of min(width, height); occlusion: probability of the
+    occlusion flag (occluders drawn over the face). The random draws do not depend on occlusion beyond that flag.
     """
-    flags = (rng.random(6) < 0.2).astype(np.int64)
-    pose, expression, illumination, makeup, occlusion, blur = flags
+    thresholds = np.full(6, FLAG_RATE)
+    thresholds[4] = occlusion
+    flags = (rng.random(6) < thresholds).astype(np.int64)
+    pose, expression, illumination, makeup, occluded, blur = flags
     points, forehead = _face_points(rng, bool(pose), bool(expression))
     roll = np.deg2rad(rng.uniform(30, 50) * rng.choice([-1, 1]) if pose and rng.random() < 0.4 else
                       rng.uniform(-15, 15))
@@ -157,12 +181,17 @@ def render_face(rng, width: int = 320, height: int = 320, face_scale=(0.2, 0.3))
     draw.polygon([tuple(landmarks[i]) for i in range(88, 96)], fill=(60, 15, 20))
     draw.line([tuple(landmarks[i]) for i in range(88, 93)], fill=(40, 10, 10), width=line)
 
-    if occlusion:
+    occluders = Image.new("L", (width, height), 0)
+    mask = ImageDraw.Draw(occluders)
+    if occluded:
         for _ in range(int(rng.integers(1, 3))):
             x, y = landmarks[rng.integers(98)]
             w, h = rng.uniform(0.2, 0.6, 2) * unit
-            shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
-            shape([x - w, y - h, x + w, y + h], fill=_colour(rng))
+            rectangle = rng.random() < 0.5
+            corners = [x - w, y - h, x + w, y + h]
+            (draw.rectangle if rectangle else draw.ellipse)(corners, fill=_colour(rng))
+            (mask.rectangle if rectangle else mask.ellipse)(corners, fill=255)
+    visibility = mask_visibility(np.asarray(occluders), landmarks)
     pixels = np.asarray(image, dtype=np.float32)
     if illumination:
         angle = rng.uniform(0, 2 * np.pi)
@@ -179,25 +208,34 @@ def render_face(rng, width: int = 320, height: int = 320, face_scale=(0.2, 0.3))
     lo, hi = landmarks.min(0), landmarks.max(0)
     margin = (hi - lo) * rng.uniform(0.0, 0.08, 4).reshape(2, 2)
     box = np.concatenate([lo - margin[0], hi + margin[1]])
-    return image, landmarks.astype(np.float32), box.astype(np.float32), flags
+    return image, landmarks.astype(np.float32), box.astype(np.float32), flags, visibility
 
 
 def _render_one(i: int, out_dir: str, split: str, seed: int, width: int, height: int, quality: int,
-                face_scale) -> str:
+                face_scale, occlusion: float):
+    """(annotation line, visibility sidecar line) of face i of split, after writing its image."""
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split], i])
-    image, landmarks, box, flags = render_face(rng, width, height, face_scale)
+    image, landmarks, box, flags, visibility = render_face(rng, width, height, face_scale, occlusion)
     name = f"synth/{split}_{i:05d}.jpg"
     image.save(os.path.join(out_dir, "WFLW_images", name), quality=quality)
     fields = [f"{v:.3f}" for v in landmarks.ravel()] + [f"{v:.0f}" for v in box] + [str(f) for f in flags] + [name]
-    return " ".join(fields)
+    return " ".join(fields), " ".join(str(int(v)) for v in visibility)
+
+
+def _write_lines(path: str, lines) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+    os.replace(path + ".tmp", path)
 
 
 def render_dataset(out_dir: str, num_train: int, num_test: int, seed: int = 0, width: int = 320, height: int = 320,
-                   quality: int = 92, face_scale=(0.2, 0.3), workers: int = None) -> dict:
-    """Write num_train + num_test synthetic faces as a WFLW raw dataset under out_dir; returns the annotation paths.
+                   quality: int = 92, face_scale=(0.2, 0.3), workers: int = None,
+                   occlusion: float = FLAG_RATE) -> dict:
+    """Write num_train + num_test synthetic faces as a WFLW raw dataset under out_dir, with the visibility sidecar
+    of each annotation file (see the module docstring); returns the annotation paths.
 
     Readable by open_dataset(out_dir, fmt="wflw"). face_scale: range of the half face width as a fraction of
-    min(width, height); workers: processes (default: all cores).
+    min(width, height); workers: processes (default: all cores); occlusion: probability of a face with occluders.
     """
     lo, hi = face_scale
     if not 0.05 <= lo <= hi <= 0.4:
@@ -205,6 +243,8 @@ def render_dataset(out_dir: str, num_train: int, num_test: int, seed: int = 0, w
     if num_train < 0 or num_test < 0 or width < 64 or height < 64:
         raise InputError(f"need num_train, num_test >= 0 and an image of at least 64 x 64, got "
                          f"{num_train}, {num_test}, {width} x {height}")
+    if not 0.0 <= occlusion <= 1.0:
+        raise InputError(f"occlusion must be a probability, 0 <= occlusion <= 1, got {occlusion}")
     os.makedirs(os.path.join(out_dir, "WFLW_images", "synth"), exist_ok=True)
     annotations = os.path.join(out_dir, "WFLW_annotations", "list_98pt_rect_attr_train_test")
     os.makedirs(annotations, exist_ok=True)
@@ -212,10 +252,9 @@ def render_dataset(out_dir: str, num_train: int, num_test: int, seed: int = 0, w
     with Pool(workers or os.cpu_count()) as pool:
         for split, count in (("train", num_train), ("test", num_test)):
             render = partial(_render_one, out_dir=out_dir, split=split, seed=seed, width=width, height=height,
-                             quality=quality, face_scale=tuple(face_scale))
+                             quality=quality, face_scale=tuple(face_scale), occlusion=float(occlusion))
             lines = pool.map(render, range(count), chunksize=16)
             paths[split] = os.path.join(annotations, f"list_98pt_rect_attr_{split}.txt")
-            with open(paths[split] + ".tmp", "w") as f:
-                f.write("".join(line + "\n" for line in lines))
-            os.replace(paths[split] + ".tmp", paths[split])
+            _write_lines(visibility_path(paths[split]), [labels for _, labels in lines])
+            _write_lines(paths[split], [annotation for annotation, _ in lines])
     return paths

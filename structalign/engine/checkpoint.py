@@ -24,7 +24,9 @@ from structalign.models import build_model, from_old_backbone_keys
 # The build_model keywords that define a checkpoint's modules. Older checkpoints also stored backbone_weights (a
 # file only needed to initialise a run) and op_backend (how to run, not what): both are ignored when loading.
 ARCHITECTURE_KEYS = ("arch", "backbone", "scheme", "image_size", "head_width", "num_blocks", "adjacency",
-                     "map_to_node", "backbone_width", "bn_momentum", "fc_width")
+                     "map_to_node", "backbone_width", "bn_momentum", "fc_width", "visibility_head", "visibility_gate")
+# Checkpoints from before the visibility head (issue 14) have no such modules.
+OLDER_ARCHITECTURE = {"visibility_head": False, "visibility_gate": False}
 TEMPORARY_PATTERN = ".tmp-*.pt"
 
 
@@ -38,7 +40,7 @@ class CheckpointNotFoundError(CheckpointError, MissingFileError):
 
 def architecture(model_args: dict) -> dict:
     """The architecture keys of a checkpoint's model_args (what build_model needs to rebuild its modules)."""
-    return {k: v for k, v in model_args.items() if k in ARCHITECTURE_KEYS}
+    return {**OLDER_ARCHITECTURE, **{k: v for k, v in model_args.items() if k in ARCHITECTURE_KEYS}}
 
 
 def remove_stale_temporaries(directory: str) -> list:

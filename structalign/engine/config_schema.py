@@ -77,6 +77,14 @@ class ModelConfig(Section):
     init_from: str | None = None  # fine-tune: start from this checkpoint's trained model (not a resume)
     op_backend: Literal[None, "auto", "reference", "cpp", "triton"] = None  # None: the global default
     init_mean_shape: StrictBool = True  # start the learned shape prior at the training set's mean shape
+    visibility_head: StrictBool = True  # predict P(visible) per landmark (trained on the data's visibility labels)
+    visibility_gate: StrictBool = False  # L-GRN: scale each neighbour's edge weight by its P(visible)^learned
+
+    @model_validator(mode="after")
+    def _gate_needs_its_inputs(self):
+        if self.visibility_gate and (self.arch != "lgrn" or not self.visibility_head):
+            raise ValueError("visibility_gate needs arch=lgrn and visibility_head=true")
+        return self
 
 
 def _loss_params(loss: type) -> type[Section]:
@@ -94,6 +102,7 @@ class LossConfig(Section):
     name: Literal[tuple(POINT_LOSSES)] = "soft_wing"
     relative: Literal["laplacian", None] = "laplacian"
     relative_weight: Float = Field(1.0, ge=0)
+    visibility_weight: Float = Field(0.5, ge=0)  # binary cross-entropy of the visibility head, on labelled points
     params: SerializeAsAny[Section] = Field(default_factory=dict, validate_default=True)  # a LOSS_PARAMS[name]
 
     @field_validator("params", mode="before")

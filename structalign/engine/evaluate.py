@@ -17,8 +17,9 @@ class EvalResult:
     """Per-image results over a whole split, in dataset order.
 
     errors (ndarray[M]): per-image NME (fraction of the normaliser); point_errors (ndarray[M, N]); predictions
-    (ndarray[M, N, 2]) and targets in original-image pixels; visibility (ndarray[M, N]); attributes (ndarray[M, 6] or
-    None).
+    (ndarray[M, N, 2]) and targets in original-image pixels; visibility (ndarray[M, N] labels: 1 visible, 0
+    occluded, -1 unlabelled or outside the crop); attributes (ndarray[M, 6] or None); visibility_scores
+    (ndarray[M, N] predicted P(visible), or None for a model without a visibility head).
     """
 
     errors: np.ndarray
@@ -27,13 +28,21 @@ class EvalResult:
     targets: np.ndarray
     visibility: np.ndarray
     attributes: np.ndarray | None
+    visibility_scores: np.ndarray | None = None
 
     def summary(self, threshold: float = 0.1) -> dict:
-        """NME and FR in %, AUC in [0, 1], and the NME (%) over points with visibility 0 (None if there are none)."""
+        """NME and FR in %, AUC in [0, 1], images; where points carry visibility labels also nme_occluded and
+        nme_visible (% over the points with that label), heavy_occlusion ({nme, fr, auc, count} of the faces with
+        >= 20 % of their labelled points occluded) and visibility_auroc; each None without labels (or scores)."""
         out = {k: float(v) for k, v in metrics.summarize(self.errors, threshold=threshold).items()}
-        hidden = self.visibility == 0
-        out["nme_occluded"] = float(100 * self.point_errors[hidden].mean()) if hidden.any() else None
         out["images"] = int(len(self.errors))
+        table = metrics.occlusion_table(self.point_errors, self.visibility, threshold)
+        out.update(nme_occluded=None, nme_visible=None, heavy_occlusion=None)
+        if table is not None:
+            out.update(nme_occluded=table["nme_occluded"], nme_visible=table["nme_visible"],
+                       heavy_occlusion=table["heavy"])
+        out["visibility_auroc"] = None if self.visibility_scores is None else \
+            metrics.visibility_auroc(self.visibility_scores, self.visibility)
         return out
 
 
@@ -51,7 +60,7 @@ def predict_split(model: torch.nn.Module, loader, num_images: int, env: DistEnv,
     buffers = None
     for batch in loader.epoch(0):
         with autocast():
-            crop_pred = model(batch.images)
+            crop_pred, visibility_logits = model(batch.images)
         pred = to_original_pixels(crop_pred.float(), batch.matrix)
         target = to_original_pixels(batch.landmarks, batch.matrix)
         if buffers is None:
@@ -61,12 +70,16 @@ def predict_split(model: torch.nn.Module, loader, num_images: int, env: DistEnv,
                        "visibility": torch.zeros(num_images, n, dtype=torch.float64, device=env.device),
                        "attributes": torch.zeros(num_images, 6, dtype=torch.float64, device=env.device),
                        "count": torch.zeros(num_images, dtype=torch.float64, device=env.device)}
+            if visibility_logits is not None:
+                buffers["visibility_scores"] = torch.zeros(num_images, n, dtype=torch.float64, device=env.device)
         index = batch.index.to(env.device)
         if index.numel() and (index.min() < 0 or index.max() >= num_images):
             raise IndexError(f"loader yielded dataset index {int(index.max())} outside [0, {num_images})")
         buffers["predictions"].index_add_(0, index, pred.to(env.device))
         buffers["targets"].index_add_(0, index, target.to(env.device))
         buffers["visibility"].index_add_(0, index, batch.visibility.double().to(env.device))
+        if visibility_logits is not None:
+            buffers["visibility_scores"].index_add_(0, index, torch.sigmoid(visibility_logits.double()).to(env.device))
         if batch.attributes is not None:
             buffers["attributes"].index_add_(0, index, batch.attributes.double().to(env.device))
         buffers["count"].index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
@@ -91,4 +104,5 @@ def evaluate(model: torch.nn.Module, loader, dataset, env: DistEnv, autocast, no
     has_attributes = dataset[0].attributes is not None if len(dataset) else False
     return EvalResult(errors=errors, point_errors=point_errors, predictions=arrays["predictions"],
                       targets=arrays["targets"], visibility=arrays["visibility"],
-                      attributes=np.rint(arrays["attributes"]).astype(np.int64) if has_attributes else None)
+                      attributes=np.rint(arrays["attributes"]).astype(np.int64) if has_attributes else None,
+                      visibility_scores=arrays.get("visibility_scores"))

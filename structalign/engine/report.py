@@ -49,11 +49,10 @@ def write_report(result: EvalResult, dataset, out_dir: str, title: str, overlays
         save_overlay(dataset[i].image_path, os.path.join(out_dir, name), points=[result.predictions[i]],
                      reference=[result.targets[i]])
         pictures.append(name)
-    lines = [f"# {title}", "", "| images | NME % | FR@0.1 % | AUC@0.1 | NME occluded points % |",
-             "|---|---|---|---|---|",
-             f"| {summary['images']} | {summary['nme']:.3f} | {summary['fr']:.2f} | {summary['auc']:.4f} | "
-             f"{_num(summary['nme_occluded'])} |", "",
+    lines = [f"# {title}", "", "| images | NME % | FR@0.1 % | AUC@0.1 |", "|---|---|---|---|",
+             f"| {summary['images']} | {summary['nme']:.3f} | {summary['fr']:.2f} | {summary['auc']:.4f} |", "",
              f"NME normalised by {NORM_TEXT[norm]}; FR and AUC at 0.1.", ""]
+    lines += occlusion_lines(summary)
     if subsets:
         keys = list(next(iter(subsets.values())).keys())
         lines += ["| subset | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -94,6 +93,19 @@ def evaluate_checkpoint(checkpoint: str, root: str, fmt: str = "wflw", split: st
         return {"summary": result.summary()}
     finally:
         teardown_distributed(env)
+
+
+def occlusion_lines(summary: dict) -> list:
+    """Markdown lines of the occlusion table of an EvalResult.summary(); none where no point carries a label."""
+    heavy = summary["heavy_occlusion"]
+    if heavy is None:
+        return []
+    return [f"| NME occluded points % | NME visible points % | faces >= {100 * metrics.HEAVY_OCCLUSION:.0f} % "
+            f"occluded | their NME % | their FR@0.1 % | visibility AUROC |", "|---|---|---|---|---|---|",
+            f"| {_num(summary['nme_occluded'])} | {_num(summary['nme_visible'])} | {heavy['count']} | "
+            f"{_num(heavy['nme'])} | {_num(heavy['fr'])} | {_num(summary['visibility_auroc'])} |", "",
+            "Points labelled visible or occluded by the data (points outside the crop count as neither); AUROC of "
+            "the predicted P(visible) over those points.", ""]
 
 
 def _subsets(result: EvalResult, dataset):

@@ -41,11 +41,13 @@ from structalign.engine.optim import build_optimizer, build_scheduler, scaled_lr
 from structalign.engine.precision import autocast_for
 from structalign.errors import StructalignError
 from structalign.landmarks import LandmarkScheme, resolve_scheme
-from structalign.losses import build_criterion
+from structalign.losses import build_criterion, visibility_loss
 from structalign.models import build_model
 
 # Settings the data position of a checkpoint depends on (batches per epoch, sample order, validation split).
 RESUME_FIXED = ("train.batch_size", "train.accumulate", "train.seed", "data.val_fraction")
+LOSS_PARTS = ("loss", "absolute", "relative", "visibility")  # what a step logs (visibility: its unweighted BCE)
+ROW = len(LOSS_PARTS) + 1  # per step, read at sync points: the loss parts and the number of finite batches
 
 
 class NonFiniteLossError(StructalignError, FloatingPointError):
@@ -59,7 +61,8 @@ def model_args(cfg: Config, scheme: LandmarkScheme) -> dict:
     m = cfg.model
     return dict(arch=m.arch, backbone=m.backbone, scheme=scheme.to_dict(), image_size=cfg.data.image_size,
                 head_width=m.head_width, num_blocks=m.num_blocks, adjacency=m.adjacency, map_to_node=m.map_to_node,
-                backbone_width=m.backbone_width, bn_momentum=m.bn_momentum, fc_width=m.fc_width)
+                backbone_width=m.backbone_width, bn_momentum=m.bn_momentum, fc_width=m.fc_width,
+                visibility_head=m.visibility_head, visibility_gate=m.visibility_gate)
 
 
 def mean_shape(loader, max_images: int = 512) -> np.ndarray:
@@ -195,6 +198,9 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
     # NaN targets are caught on the device by the loop below, not by a host sync in the criterion.
     criterion = build_criterion(cfg.loss.name, relative=cfg.loss.relative, relative_weight=cfg.loss.relative_weight,
                                 scheme=scheme, check_targets=False, **cfg.loss.params.model_dump()).to(device)
+    # The visibility head learns from per-point labels only: on data without them (the random occlusion rectangle
+    # alone would teach it "occluded" and never "visible") it gets no loss, and its scores stay at their start.
+    train_visibility = raw_model.visibility is not None and full.has_visibility_labels
     ema = EMA(raw_model, tc.ema_decay) if tc.ema_decay > 0 else None
     global_batch = tc.batch_size * tc.accumulate * env.world_size
     optimizer = build_optimizer(raw_model, cfg.optim, scaled_lr(cfg.optim, global_batch))
@@ -237,6 +243,9 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
             print(f"resume: model.init_from {cfg.model.init_from} is not used (the run continues from {resume})")
         for line in transfer.lines() if transfer is not None else ():
             print(line, flush=True)
+        if raw_model.visibility is not None and not train_visibility:
+            print(f"visibility: {cfg.data.root} ({cfg.data.format}) has no per-landmark visibility labels: the "
+                  f"visibility head gets no loss and its scores mean nothing", flush=True)
         print(f"train: {len(train_ds)} images ({batches_per_epoch} batches of {tc.batch_size} per rank), "
               f"{env.world_size} process(es) on {device}, global batch {global_batch}, "
               f"lr {scaled_lr(cfg.optim, global_batch):.4g}, {steps_per_epoch} steps/epoch", flush=True)
@@ -257,7 +266,9 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
                disable=None if main and tc.progress else True)  # None: only on a terminal
 
     # -- sync point: the only place the host reads what the device computed --------------------------------------
-    pending, positions = [], []  # per step since the last sync point: Tensor[4] on the device, (epoch, batch)
+    # Per step since the last sync point: (Tensor[ROW] on the device: the step's LOSS_PARTS and whether its batches
+    # were finite), (epoch, batch).
+    pending, positions = [], []
     losses, history = [], []
     clock = {"last": time.perf_counter(), "images": 0, "wait": 0.0}  # since the last sync point (or save)
     intervals = []  # (images, seconds, seconds waiting for data) between sync points
@@ -274,9 +285,9 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
         flags[env.rank] = float(interrupt["requested"])
         packed = all_reduce_sum(torch.cat([torch.stack(pending).flatten(), flags]), env)
         values = packed.tolist()  # the host sync
-        rows = [values[4 * i:4 * i + 4] for i in range(len(pending))]
+        rows = [values[ROW * i:ROW * i + ROW] for i in range(len(pending))]
         first = state.step - len(rows) + 1
-        for i, (loss, _, _, finite_batches) in enumerate(rows):
+        for i, (loss, *_, finite_batches) in enumerate(rows):
             if math.isfinite(loss) and finite_batches == env.world_size:
                 continue
             epoch_at, batch_at = positions[i]
@@ -286,7 +297,8 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
                                f"sample or a loader fault)")
             raise diverged(f"non-finite loss ({loss / env.world_size}) {where}: the run diverged (lower optim.lr "
                            f"or set optim.grad_clip)")
-        mean = [sum(r[j] for r in rows) / len(rows) / env.world_size for j in range(3)]
+        mean = dict(zip(LOSS_PARTS, (sum(r[j] for r in rows) / len(rows) / env.world_size
+                                     for j in range(len(LOSS_PARTS)))))
         losses.extend(r[0] / env.world_size for r in rows)
         now = time.perf_counter()
         seconds = now - clock["last"]
@@ -295,19 +307,20 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
         clock.update(last=now, images=0, wait=0.0)
         if main:
             lr = optimizer.param_groups[0]["lr"]
-            record = {"step": state.step, "epoch": positions[-1][0], "loss": mean[0], "absolute": mean[1],
-                      "relative": mean[2], "lr": lr, "images_per_s": speed, "data_wait": wait, "steps": len(rows)}
+            record = {"step": state.step, "epoch": positions[-1][0], **mean, "lr": lr, "images_per_s": speed,
+                      "data_wait": wait, "steps": len(rows)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if board is not None:
-                for key in ("loss", "absolute", "relative", "lr", "images_per_s", "data_wait"):
+                for key in (*LOSS_PARTS, "lr", "images_per_s", "data_wait"):
                     board.add_scalar(f"train/{key}", record[key], state.step)
-            bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{speed:.0f}", refresh=False)
-            tqdm.write(f"epoch {record['epoch']} step {state.step}/{bar.total} loss {mean[0]:.4f} (abs {mean[1]:.4f} "
-                       f"rel {mean[2]:.4f}) lr {lr:.3g} {speed:.1f} img/s, data wait {100 * wait:.0f} %")
+            bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{speed:.0f}", refresh=False)
+            tqdm.write(f"epoch {record['epoch']} step {state.step}/{bar.total} loss {mean['loss']:.4f} (abs "
+                       f"{mean['absolute']:.4f} rel {mean['relative']:.4f} vis {mean['visibility']:.4f}) lr {lr:.3g} "
+                       f"{speed:.1f} img/s, data wait {100 * wait:.0f} %")
         pending.clear()
         positions.clear()
-        return [rank for rank, flag in enumerate(values[4 * len(rows):]) if flag]
+        return [rank for rank, flag in enumerate(values[ROW * len(rows):]) if flag]
 
     def save(path: str, epoch: int, batch: int) -> None:
         # A finite loss may still have produced non-finite weights in its update: never save those.
@@ -328,7 +341,7 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
             model.train()
             while batch_idx < batches_per_epoch:
                 group = min(tc.accumulate, batches_per_epoch - batch_idx)
-                step_loss = torch.zeros(3, device=device)  # loss, absolute, relative: mean over the micro-batches
+                step_loss = torch.zeros(len(LOSS_PARTS), device=device)  # mean over the micro-batches
                 finite = torch.ones((), dtype=torch.bool, device=device)
                 for micro in range(group):
                     t0 = time.perf_counter()
@@ -338,13 +351,19 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
                     sync = nullcontext() if not env.distributed or micro == group - 1 else model.no_sync()
                     with sync:
                         with autocast():
-                            pred = model(batch.images)
+                            pred, visibility = model(batch.images)
                         # Occluded points are supervised: inferring them from structure is the point. Points outside
                         # the crop too, unless data.out_of_crop=ignore (README "Data").
                         weights = batch.in_crop if cfg.data.out_of_crop == "ignore" else None
                         loss, parts = criterion(pred.float(), batch.landmarks, weights)
+                        if train_visibility:  # 0 on a batch without labels (the head's gradients are 0)
+                            parts["visibility"] = visibility_loss(visibility, batch.visibility)
+                            loss = loss + cfg.loss.visibility_weight * parts["visibility"]
+                        elif visibility is not None:  # unused, yet in the graph: DDP expects its gradients
+                            loss = loss + 0.0 * visibility.sum()
                         scaler.scale(loss / group).backward()
-                    step_loss += torch.stack([loss.detach(), parts["absolute"], parts["relative"]]) / group
+                    step_loss += torch.stack([loss.detach(), *(parts.get(k, loss.new_zeros(())).detach()
+                                                               for k in LOSS_PARTS[1:])]) / group
                     finite &= torch.isfinite(batch.landmarks).all() & torch.isfinite(batch.images).all()
                 positions.append((epoch, batch_idx))
                 pending.append(torch.cat([step_loss, finite.float()[None]]))
@@ -394,10 +413,13 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
                     log.write(json.dumps(summary) + "\n")
                     log.flush()
                     if board is not None:
-                        for key in ("nme", "fr", "auc"):
-                            board.add_scalar(f"val/{key}", summary[f"val_{key}"], state.step)
+                        for key in ("nme", "fr", "auc", "nme_occluded", "visibility_auroc"):
+                            if summary[f"val_{key}"] is not None:
+                                board.add_scalar(f"val/{key}", summary[f"val_{key}"], state.step)
+                    auroc = summary["val_visibility_auroc"]
                     tqdm.write(f"epoch {epoch}: val NME {summary['val_nme']:.3f}% FR {summary['val_fr']:.2f}% "
-                               f"AUC {summary['val_auc']:.4f}{' (best)' if improved else ''}")
+                               f"AUC {summary['val_auc']:.4f}{'' if auroc is None else f' visibility AUROC {auroc:.3f}'}"
+                               f"{' (best)' if improved else ''}")
                 if improved:
                     save(best_path, epoch + 1, 0)
             save(last_path, epoch + 1, 0)

@@ -94,7 +94,8 @@ def _predict_images(predictor, images: list, out_dir: str, boxes_file, overlays:
             path = os.path.join(out_dir, f"{i:04d}_{stem}.png")
             Image.fromarray(draw_faces(np.asarray(Image.open(result.source).convert("RGB")), result.faces)).save(path)
     report.written += [write_json(os.path.join(out_dir, "landmarks.json"), results, predictor.scheme_name),
-                       write_csv(os.path.join(out_dir, "landmarks.csv"), results, predictor.num_points)]
+                       write_csv(os.path.join(out_dir, "landmarks.csv"), results, predictor.num_points,
+                                 predictor.has_visibility)]
 
 
 def _predict_video(predictor, video: str, stem: str, out_video: str, video_filter: dict, report: BatchReport):
@@ -106,4 +107,4 @@ def _predict_video(predictor, video: str, stem: str, out_video: str, video_filte
     report.images += len(frames)
     report.faces += sum(len(f.faces) for f in frames)
     report.written += [out_video, write_json(stem + ".json", frames, predictor.scheme_name),
-                       write_csv(stem + ".csv", frames, predictor.num_points)]
+                       write_csv(stem + ".csv", frames, predictor.num_points, predictor.has_visibility)]

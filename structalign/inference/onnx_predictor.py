@@ -6,7 +6,9 @@ PIL, OpenCV and onnxruntime only (no torch import).
     faces = predictor.predict("photo.jpg")[0].faces
 
 The graph's metadata (written by structalign/export.py) gives the landmark scheme, the crop size and padding, and
-whether the normalisation is in the graph (input "crops") or done here (input "normalised").
+whether the normalisation is in the graph (input "crops") or done here (input "normalised"). Its outputs are
+"landmarks" (float32[B, N, 2], crop pixels) and, for a model with a visibility head, "visibility" (float32[B, N],
+P(landmark visible), the sigmoid in the graph); faces of a graph without it have visibility None.
 """
 import json
 import os
@@ -17,6 +19,7 @@ from structalign.errors import InputError, MissingFileError
 from structalign.inference.pipeline import LandmarkPipeline, model_scheme
 
 INPUT_KINDS = ("normalised", "crops")
+LANDMARKS_OUTPUT, VISIBILITY_OUTPUT = "landmarks", "visibility"  # the graph's output names (structalign export)
 _PREFIX = "structalign."
 
 
@@ -63,14 +66,16 @@ class OnnxPredictor(LandmarkPipeline):
         self._mean = np.asarray(values["norm_mean"], np.float32)
         self._std = np.asarray(values["norm_std"], np.float32)
         self._input = self.session.get_inputs()[0].name
+        self.has_visibility = VISIBILITY_OUTPUT in [output.name for output in self.session.get_outputs()]
+        self._outputs = [LANDMARKS_OUTPUT] + ([VISIBILITY_OUTPUT] if self.has_visibility else [])
         self._setup(detector, flip_test, batch_size, calibration)
 
-    def _forward(self, crops: np.ndarray) -> np.ndarray:
-        """crops (uint8[B, S, S, 3]) -> landmarks (float32[B, N, 2], crop pixels)."""
+    def _forward(self, crops: np.ndarray) -> tuple:
+        """crops (uint8[B, S, S, 3]) -> (landmarks float32[B, N, 2] crop pixels, P(visible) float32[B, N] or None)."""
         if self.input_kind == "normalised":
             images = ((crops.astype(np.float32) - self._mean) / self._std).transpose(0, 3, 1, 2)
             feed = np.ascontiguousarray(images)
         else:
             feed = np.ascontiguousarray(crops)
-        (points,) = self.session.run(["landmarks"], {self._input: feed})
-        return points
+        points, *visibility = self.session.run(self._outputs, {self._input: feed})
+        return points, visibility[0] if visibility else None

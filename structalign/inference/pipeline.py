@@ -1,8 +1,10 @@
 """What both predictors do around their model: inputs -> faces (detector or given boxes) -> crops -> model ->
-optional flip test -> landmarks in original-image pixels. A predictor only supplies `_forward(crops)`.
+optional flip test -> landmarks in original-image pixels (and per-point visibility). A predictor only supplies
+`_forward(crops)`.
 
 Results: one `ImageLandmarks` per input image, each with its faces (`FaceLandmarks`: box, detector score,
-landmarks float32[N, 2] in image pixels, pixel centres at integers) or the error that stopped it.
+landmarks float32[N, 2] in image pixels, pixel centres at integers, and visibility float32[N], P(landmark visible),
+from the model's visibility head, or None for a model without one) or the error that stopped it.
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -28,11 +30,14 @@ class FlipTestError(InputError):
 @dataclass
 class FaceLandmarks:
     """One face: box (float[4] x0 y0 x1 y1, the detector's or the given box), score (the detector's, None for a
-    given box), landmarks (float32[N, 2], image pixels)."""
+    given box), landmarks (float32[N, 2], image pixels), visibility (float32[N] in [0, 1]: P(landmark visible), the
+    sigmoid of the model's visibility head, trained on the per-point occlusion labels; None for a model without a
+    visibility head, e.g. a checkpoint from before it existed)."""
 
     box: np.ndarray
     score: Optional[float]
     landmarks: np.ndarray
+    visibility: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -87,13 +92,14 @@ def flip_permutation(scheme: Optional[LandmarkScheme], num_points: int) -> np.nd
 
 
 class LandmarkPipeline(ABC):
-    """The shared inference steps. Subclasses set scheme (LandmarkScheme or None), num_points, image_size, padding
-    and implement _forward(crops uint8[B, S, S, 3]) -> float32[B, N, 2] crop pixels, then call _setup."""
+    """The shared inference steps. Subclasses set scheme (LandmarkScheme or None), num_points, image_size, padding,
+    has_visibility (whether the model predicts P(visible)) and implement _forward (below), then call _setup."""
 
     scheme: Optional[LandmarkScheme]
     num_points: int
     image_size: int
     padding: float
+    has_visibility: bool
 
     def _setup(self, detector, flip_test: bool, batch_size: int, calibration: Optional[BoxCalibration]):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -110,8 +116,9 @@ class LandmarkPipeline(ABC):
         return None if self.scheme is None else self.scheme.name
 
     @abstractmethod
-    def _forward(self, crops: np.ndarray) -> np.ndarray:
-        """The model on crops (uint8[B, S, S, 3]): landmarks float32[B, N, 2] in crop pixels."""
+    def _forward(self, crops: np.ndarray) -> tuple:
+        """The model on crops (uint8[B, S, S, 3]): (landmarks float32[B, N, 2] in crop pixels, P(visible)
+        float32[B, N], or None without a visibility head)."""
 
     def predict(self, images, boxes=None, on_error: str = "raise") -> list:
         """ImageLandmarks per image of `images` (a path, folder, numpy uint8 [H, W, 3] array, PIL image, torch
@@ -184,25 +191,36 @@ class LandmarkPipeline(ABC):
         return _Prepared(name, (width, height), face_boxes, scores, matrices, crops)
 
     def _finish(self, prepared: list) -> list:
-        """Run the model on the crops of prepared images (with the flip test if set) -> ImageLandmarks each."""
+        """Run the model on the crops of prepared images (with the flip test if set) -> ImageLandmarks each. The flip
+        test averages the landmarks and P(visible) with those of the mirrored crop, both re-indexed by the scheme's
+        flip permutation (mirrored point flip[i] is point i)."""
         crops = np.concatenate([p.crops for p in prepared])
-        points = self._batched(crops).astype(np.float64)
+        points, visibility = self._batched(crops)
+        points = points.astype(np.float64)
         if self.flip is not None:
-            mirrored = self._batched(np.ascontiguousarray(crops[:, :, ::-1]))
+            mirrored, mirrored_visibility = self._batched(np.ascontiguousarray(crops[:, :, ::-1]))
             points = (points + mirror_points(mirrored, self.flip, self.image_size)) / 2
+            if visibility is not None:
+                visibility = (visibility + mirrored_visibility[:, self.flip]) / 2
         matrices = np.concatenate([p.matrices for p in prepared])
         points = to_image_pixels(points, matrices).astype(np.float32)
+        visibility = [None] * len(points) if visibility is None else visibility.astype(np.float32)
         out, start = [], 0
         for p in prepared:
-            faces = [FaceLandmarks(np.asarray(b, np.float64), s, pts)
-                     for b, s, pts in zip(p.face_boxes, p.scores, points[start:start + len(p.crops)])]
+            end = start + len(p.crops)
+            faces = [FaceLandmarks(np.asarray(b, np.float64), s, pts, vis) for b, s, pts, vis
+                     in zip(p.face_boxes, p.scores, points[start:end], visibility[start:end])]
             out.append(ImageLandmarks(p.name, p.size, faces))
-            start += len(p.crops)
+            start = end
         return out
 
-    def _batched(self, crops: np.ndarray) -> np.ndarray:
-        return np.concatenate([self._forward(crops[i:i + self.batch_size])
-                               for i in range(0, len(crops), self.batch_size)])
+    def _batched(self, crops: np.ndarray) -> tuple:
+        """_forward over crops in chunks of batch_size: (landmarks float32[B, N, 2], P(visible) float32[B, N] or
+        None)."""
+        chunks = [self._forward(crops[i:i + self.batch_size]) for i in range(0, len(crops), self.batch_size)]
+        points = np.concatenate([c[0] for c in chunks])
+        visibility = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
+        return points, visibility
 
 
 def given_boxes(boxes, width: int, height: int, name: str) -> np.ndarray:

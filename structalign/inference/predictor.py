@@ -5,6 +5,7 @@
     for image in predictor.predict(["photo.jpg", "folder/"]):
         for face in image.faces:
             face.box, face.score, face.landmarks              # landmarks float32[N, 2], image pixels
+            face.visibility                                   # P(visible) float32[N], None: no visibility head
 
 Crops and normalisation are the ones evaluation uses, so with the dataset's boxes a checkpoint predicts here exactly
 what `structalign eval` measured (tests/engine/test_cli.py::test_predictor_matches_evaluation).
@@ -37,6 +38,8 @@ class Predictor(LandmarkPipeline):
     (where the run kept an EMA) or "model"; detector: "haar" (built-in), None (whole image = face box) or a callable
     rgb -> (boxes, scores) (see structalign/inference/detector.py); calibration: detector box -> face box (default:
     the detector's own); flip_test: average with the prediction on the mirrored crop; batch_size: faces per forward.
+    Faces carry visibility = sigmoid(the model's visibility logits), P(landmark visible) per point; None for a model
+    without a visibility head (checkpoints from before it existed load that way).
     """
 
     def __init__(self, checkpoint: str, device: str = "auto", weights: str = "ema", detector="haar",
@@ -50,6 +53,7 @@ class Predictor(LandmarkPipeline):
         self.model, state = model_from_checkpoint(checkpoint, weights=weights, device=self.device)
         settings = checkpoint_inference_settings(state)
         self.scheme, self.num_points = self.model.scheme, self.model.scheme.num_points
+        self.has_visibility = self.model.visibility is not None
         self.image_size, self.padding = settings["image_size"], settings["padding"]
         precision = ((state.get("config") or {}).get("train") or {}).get("precision", "fp32")
         self._autocast = autocast_for(precision, self.device)
@@ -58,9 +62,10 @@ class Predictor(LandmarkPipeline):
         self._setup(detector, flip_test, batch_size, calibration)
 
     @torch.no_grad()
-    def _forward(self, crops: np.ndarray) -> np.ndarray:
-        """crops (uint8[B, S, S, 3]) -> landmarks (float32[B, N, 2], crop pixels)."""
+    def _forward(self, crops: np.ndarray) -> tuple:
+        """crops (uint8[B, S, S, 3]) -> (landmarks float32[B, N, 2] crop pixels, P(visible) float32[B, N] or None)."""
         images = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float()
         with self._autocast():
-            points = self.model((images - self._mean) / self._std)
-        return points.float().cpu().numpy()
+            points, logits = self.model((images - self._mean) / self._std)
+        visibility = None if logits is None else torch.sigmoid(logits.float()).cpu().numpy()
+        return points.float().cpu().numpy(), visibility

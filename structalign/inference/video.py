@@ -58,7 +58,9 @@ class OneEuroFilter:
 
 @dataclass
 class TrackedFace(FaceLandmarks):
-    """A face of a video frame with the id of its track (the same face in consecutive frames)."""
+    """A face of a video frame with the id of its track (the same face in consecutive frames). landmarks are
+    One-Euro filtered along the track; visibility (P(visible) per point, or None) is the frame's own, unsmoothed:
+    the filter's cutoffs are tuned to pixel motion, and an occlusion that starts should show in that frame."""
 
     track: int = 0
 
@@ -82,7 +84,7 @@ class FaceTracks:
         self.boxes, self.ids, self.filters, self.next_id = np.zeros((0, 4)), [], [], 0
 
     def update(self, faces: list, dt: float) -> list:
-        """TrackedFace per face of the new frame, landmarks filtered along their track."""
+        """TrackedFace per face of the new frame, landmarks filtered along their track (visibility unfiltered)."""
         boxes = np.array([f.box for f in faces], np.float64).reshape(-1, 4)
         iou = box_iou(boxes, self.boxes) if len(boxes) and len(self.boxes) else np.zeros((len(boxes), 0))
         match = {}
@@ -102,7 +104,7 @@ class FaceTracks:
             ids.append(track)
             filters.append(smoother)
             points = smoother(face.landmarks, dt).astype(np.float32)
-            tracked.append(TrackedFace(face.box, face.score, points, track))
+            tracked.append(TrackedFace(face.box, face.score, points, face.visibility, track=track))
         self.boxes, self.ids, self.filters = boxes, ids, filters
         return tracked
 

@@ -12,6 +12,7 @@ from structalign.models.lgrn import LGRNHead
 from structalign.models.map_to_node import MapToNode, MultiScaleMapToNode
 from structalign.models.regressor import LandmarkRegressor
 from structalign.models.resnet import ARCHS, ResNet, load_backbone_weights
+from structalign.models.visibility import VisibilityHead
 from structalign.ops.backend import check_op_backend
 
 ARCHITECTURES = ("lgrn", "fc")
@@ -39,8 +40,10 @@ def build_model(arch: str = "lgrn", backbone: str = "resnet34", scheme="wflw98",
                 head_width: int = 128, num_blocks: int = 4, adjacency: str = "static", map_to_node: str = "base",
                 backbone_weights=None, op_backend: str | None = None, *, mean_shape=None, backbone_width: int = 64,
                 bn_momentum: float = 0.1, fc_width: int = 256, normalize_input: bool = True,
-                fused_layers: bool = True) -> LandmarkRegressor:
-    """A face-alignment model: model(images Tensor[B, 3, H, W]) -> Tensor[B, N, 2] in pixels of the input.
+                fused_layers: bool = True, visibility_head: bool = True,
+                visibility_gate: bool = False) -> LandmarkRegressor:
+    """A face-alignment model: model(images Tensor[B, 3, H, W]) -> (landmarks Tensor[B, N, 2] in pixels of the
+    input, logits of P(visible) Tensor[B, N] or None without a visibility head).
 
     arch "lgrn" (map-to-node + L-GRN head, method.md §1.1-1.4) or "fc" (§1.6); backbone "resnet18/34/50";
     scheme: LandmarkScheme, name or point count; image_size: side the network runs at (a multiple of 32; other
@@ -51,7 +54,8 @@ def build_model(arch: str = "lgrn", backbone: str = "resnet34", scheme="wflw98",
     (default: every point at the centre); backbone_width (stage-1 channels, 64 standard); bn_momentum of the
     backbone (the paper used 0.01); fc_width of the FC head; normalize_input: per-image z-score inside the model;
     fused_layers: the L-GRN head's layers as structalign.ops.graph_conv (False: the unfused modules; the same
-    parameters and state dict, for A/B runs).
+    parameters and state dict, for A/B runs); visibility_head: predict per-point visibility (structalign.models.
+    visibility); visibility_gate (L-GRN, needs the visibility head): edges from likely occluded neighbours weigh less.
     """
     if arch not in ARCHITECTURES:
         raise InputError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
@@ -67,6 +71,8 @@ def build_model(arch: str = "lgrn", backbone: str = "resnet34", scheme="wflw98",
     if map_to_node not in ("base", "multiscale"):
         raise InputError(f"map_to_node must be 'base' or 'multiscale', got {map_to_node!r}")
     check_op_backend(op_backend)
+    if visibility_gate and (arch != "lgrn" or not visibility_head):
+        raise InputError("visibility_gate needs arch='lgrn' and visibility_head=True")
     if not 0.0 < bn_momentum <= 1.0:
         raise InputError(f"bn_momentum must be in (0, 1], got {bn_momentum!r}")
     scheme = resolve_scheme(scheme)
@@ -84,6 +90,6 @@ def build_model(arch: str = "lgrn", backbone: str = "resnet34", scheme="wflw98",
         else:
             neck = MultiScaleMapToNode(trunk.channels, n, CHANNELS_PER_POINT)
         head = LGRNHead(CHANNELS_PER_POINT * grid * grid, message_graph(scheme), head_width, num_blocks, adjacency,
-                        trunk.channels[-1], op_backend, fused=fused_layers)
+                        trunk.channels[-1], op_backend, fused=fused_layers, visibility_gate=visibility_gate)
     return LandmarkRegressor(trunk, neck, head, scheme, image_size, _mean_shape(mean_shape, n, image_size),
-                             normalize_input)
+                             normalize_input, VisibilityHead(trunk.channels[-1], grid, n) if visibility_head else None)

@@ -7,7 +7,12 @@ GraphBlock       GraphConv -> BatchNorm -> ReLU (-> + residual). With `fused` (t
                  op (C++ backend); the reference backend computes the unfused layer. Parameters and state-dict keys
                  are the same either way.
 RelationLearner  per-image edge logits from pooled backbone features (the "dynamic" adjacency, §1.4)
-LGRNHead         input graph conv -> residual blocks of two graph convs (BN + ReLU) -> output graph conv to (x, y)
+LGRNHead         input graph conv -> residual blocks of two graph convs (BN + ReLU) -> output graph conv to (x, y);
+                 with visibility_gate, every edge i <- j of every conv gets s * log P(j visible) added to its logit,
+                 P from the model's visibility head and s = gate_scale[0] on the self edge (j = i), gate_scale[1] on
+                 the others (both learned, from 1): after the softmax each weight is scaled by P(j visible)^s and the
+                 row renormalised, so likely occluded neighbours send less, and a likely occluded landmark listens to
+                 its neighbours more than to itself
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 class GraphConv(nn.Module):
     """One graph convolution over the landmark graph.
 
-    forward(x (Tensor[B, N, in]), logits (Tensor[B, E] or None)) -> Tensor[B, N, out]. With learn_edges the layer
-    owns one logit per graph entry (init 1.0: uniform neighbour weights), used when logits is None. fused: run as
+    forward(x (Tensor[B, N, in]), logits (Tensor[B, E] or None), edge_bias (Tensor[B, E] or None, added to the
+    logits)) -> Tensor[B, N, out]. With learn_edges the layer owns one logit per graph entry (init 1.0: uniform
+    neighbour weights), used when logits is None. fused: run as
     structalign.ops.graph_conv (one GEMM with [W_self | W_nbr]) instead of two matmuls and graph_message_passing.
     """
 
@@ -50,16 +56,17 @@ class GraphConv(nn.Module):
         bound = 1.0 / math.sqrt(out_features)
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
 
-    def logits_or_own(self, logits: torch.Tensor | None) -> torch.Tensor:
-        """The per-image logits given, or the layer's own learned ones."""
-        if logits is not None:
-            return logits
-        if self.edge_logits is None:
-            raise ValueError("this GraphConv has no learned edge logits; pass per-image logits [B, E]")
-        return self.edge_logits
+    def logits_or_own(self, logits: torch.Tensor | None, edge_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-image logits given, or the layer's own learned ones; plus edge_bias (Tensor[B, E]) if given."""
+        if logits is None:
+            if self.edge_logits is None:
+                raise ValueError("this GraphConv has no learned edge logits; pass per-image logits [B, E]")
+            logits = self.edge_logits
+        return logits if edge_bias is None else logits + edge_bias
 
-    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.logits_or_own(logits)
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None,
+                edge_bias: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.logits_or_own(logits, edge_bias)
         if self.fused:
             return graph_conv(x, self.weight, logits, self.graph, self.bias, backend=self.op_backend)
         h_self = torch.matmul(x, self.weight[0])
@@ -76,7 +83,8 @@ class GraphConv(nn.Module):
 class GraphBlock(nn.Module):
     """GraphConv -> BatchNorm over channels -> ReLU (-> + residual).
 
-    forward(x (Tensor[B, N, in]), logits, residual (Tensor[B, N, out] or None)) -> Tensor[B, N, out]. fused: the
+    forward(x (Tensor[B, N, in]), logits, edge_bias, residual (Tensor[B, N, out] or None)) -> Tensor[B, N, out].
+    fused: the
     whole block is one structalign.ops.graph_conv (same parameters, buffers and running-statistics updates).
     """
 
@@ -87,14 +95,14 @@ class GraphBlock(nn.Module):
         self.bn = nn.BatchNorm1d(out_features)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x, logits=None, residual=None):
+    def forward(self, x, logits=None, edge_bias=None, residual=None):
         conv = self.conv
         if conv.fused:
-            return graph_conv(x, conv.weight, conv.logits_or_own(logits), conv.graph, conv.bias,
+            return graph_conv(x, conv.weight, conv.logits_or_own(logits, edge_bias), conv.graph, conv.bias,
                               batch_norm_args(self.bn), relu=True, residual=residual, backend=conv.op_backend)
         # BatchNorm over the [B * N, C] rows: the statistics of BatchNorm1d on [B, C, N], without the transposes
         # that would hand the graph op a gradient with channel stride N (and make it copy that gradient).
-        y = conv(x, logits)
+        y = conv(x, logits, edge_bias)
         out = self.relu(self.bn(y.reshape(-1, y.shape[-1])).view(y.shape))
         return out if residual is None else residual + out
 
@@ -108,8 +116,8 @@ class ResidualGraphBlock(nn.Module):
         self.first = GraphBlock(width, width, graph, learn_edges, op_backend, fused)
         self.second = GraphBlock(width, width, graph, learn_edges, op_backend, fused)
 
-    def forward(self, x, logits=None):
-        return self.second(self.first(x, logits), logits, residual=x)
+    def forward(self, x, logits=None, edge_bias=None):
+        return self.second(self.first(x, logits, edge_bias), logits, edge_bias, residual=x)
 
 
 class RelationLearner(nn.Module):
@@ -134,15 +142,18 @@ class RelationLearner(nn.Module):
 class LGRNHead(nn.Module):
     """Node features -> landmark offsets through 2 + 2 * num_blocks graph convolutions.
 
-    forward(nodes (Tensor[B, N, F]), pooled (Tensor[B, C], used by the dynamic adjacency)) -> Tensor[B, N, 2].
+    forward(nodes (Tensor[B, N, F]), pooled (Tensor[B, C], used by the dynamic adjacency), visibility_logits
+    (Tensor[B, N], used by the visibility gate)) -> Tensor[B, N, 2].
     adjacency "static": every graph conv learns its own edge logits, shared by all images; "dynamic": a
-    RelationLearner predicts one set of logits per image, shared by all layers. fused: each graph conv with its
-    BatchNorm, ReLU and residual add is one structalign.ops.graph_conv (False: today's unfused modules, for A/B).
+    RelationLearner predicts one set of logits per image, shared by all layers. visibility_gate: edges from likely
+    occluded neighbours weigh less (module docstring); the visibility logits are detached here, so the gate learns
+    only its scale from the landmark loss and the visibility head only from its labels. fused: each graph conv with
+    its BatchNorm, ReLU and residual add is one structalign.ops.graph_conv (False: the unfused modules, for A/B).
     """
 
     def __init__(self, node_features: int, graph: LandmarkGraph, width: int = 128, num_blocks: int = 4,
                  adjacency: str = "static", pooled_channels: int | None = None, op_backend: str | None = None,
-                 fused: bool = True):
+                 fused: bool = True, visibility_gate: bool = False):
         super().__init__()
         if adjacency not in ("static", "dynamic"):
             raise ValueError(f"adjacency must be 'static' or 'dynamic', got {adjacency!r}")
@@ -155,6 +166,9 @@ class LGRNHead(nn.Module):
         self.blocks = nn.ModuleList(ResidualGraphBlock(width, graph, learn, op_backend, fused)
                                     for _ in range(num_blocks))
         self.output = GraphConv(width, 2, graph, learn, op_backend, fused)
+        # The exponents of P(j visible) in the weights of self edges and of the other edges, learned.
+        self.gate_scale = nn.Parameter(torch.ones(2)) if visibility_gate else None
+        self.register_buffer("other_edges", (graph.rows != graph.indices).long(), persistent=False)
 
     def edge_logits(self, pooled: torch.Tensor | None) -> torch.Tensor | None:
         """The per-image logits (Tensor[B, E]) of the dynamic head; None for the static head."""
@@ -164,25 +178,41 @@ class LGRNHead(nn.Module):
             raise ValueError("the dynamic L-GRN head needs pooled features [B, C]")
         return self.relation_learner(pooled)
 
-    def forward(self, nodes: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+    def edge_bias(self, visibility_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """s * log P(j visible) for every edge i <- j, s = gate_scale[0] on self edges, gate_scale[1] on the others
+        (Tensor[B, E], fp32); None without the visibility gate."""
+        if self.gate_scale is None:
+            return None
+        n = self.graph.num_nodes
+        if visibility_logits is None or visibility_logits.shape[1:] != (n,):
+            raise ValueError(f"the visibility-gated L-GRN head needs visibility logits [B, {n}], got "
+                             f"{None if visibility_logits is None else list(visibility_logits.shape)}")
+        _, indices = self.graph.tensors(visibility_logits.device)
+        log_visible = nn.functional.logsigmoid(visibility_logits.detach().float())
+        return self.gate_scale[self.other_edges] * log_visible[:, indices]
+
+    def forward(self, nodes: torch.Tensor, pooled: torch.Tensor | None = None,
+                visibility_logits: torch.Tensor | None = None) -> torch.Tensor:
         if nodes.dim() != 3 or nodes.shape[1] != self.graph.num_nodes:
             raise ValueError(f"nodes must have shape [B, {self.graph.num_nodes}, F] for this graph, "
                              f"got {list(nodes.shape)}")
-        logits = self.edge_logits(pooled)
-        x = self.input(nodes, logits)
+        logits, bias = self.edge_logits(pooled), self.edge_bias(visibility_logits)
+        x = self.input(nodes, logits, bias)
         for block in self.blocks:
-            x = block(x, logits)
+            x = block(x, logits, bias)
         # Pixel offsets in bf16 would be quantised to ~0.25 px; the last layer runs in fp32 under autocast.
         with torch.autocast(x.device.type, enabled=False):
-            return self.output(upcast(x), None if logits is None else upcast(logits))
+            return self.output(upcast(x), None if logits is None else upcast(logits), bias)
 
     def graph_convs(self) -> list:
         return [m for m in self.modules() if isinstance(m, GraphConv)]
 
-    def adjacency(self, pooled: torch.Tensor | None = None, batch: int = 1) -> torch.Tensor:
+    def adjacency(self, pooled: torch.Tensor | None = None, batch: int = 1,
+                  visibility_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Dense neighbour weights each graph conv applies: Tensor[B, L, N, N], each row summing to 1.
 
-        pooled (Tensor[B, C]) is needed by the dynamic head; the static head's weights are repeated `batch` times.
+        pooled (Tensor[B, C]) is needed by the dynamic head, visibility_logits (Tensor[B, N]) by the visibility
+        gate; the static, ungated head's weights are repeated `batch` times.
         """
         convs = self.graph_convs()
         logits = self.edge_logits(pooled)
@@ -190,6 +220,9 @@ class LGRNHead(nn.Module):
             logits = torch.stack([c.edge_logits for c in convs]).unsqueeze(0).expand(batch, -1, -1)
         else:
             logits = logits.unsqueeze(1).expand(-1, len(convs), -1)
+        bias = self.edge_bias(visibility_logits)
+        if bias is not None:
+            logits = logits + bias.unsqueeze(1)
         indptr, indices = self.graph.tensors(logits.device)
         weights = edge_softmax_reference(logits, indptr)
         n = self.graph.num_nodes

@@ -4,6 +4,7 @@ Coordinates put pixel centres at integers (pixel (0, 0) spans [-0.5, 0.5]), as t
 
     images -> [resize to image_size] -> per-image z-score -> backbone -> neck -> head -> offsets (px)
     p = shape_prior * image_size + offsets;  landmarks = (p + 0.5) * (W, H) / image_size - 0.5
+    backbone's last map -> visibility head -> logit of P(landmark visible) per point (read by a gated L-GRN head)
 
 shape_prior (learned, Tensor[N, 2] in units of the image side) starts at the mean shape given to the builder (or at
 the image centre), so the head only regresses each face's offset from it; the paper regresses pixels directly.
@@ -27,16 +28,18 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
 
 
 class LandmarkRegressor(nn.Module):
-    """Backbone + neck + head + learned shape prior.
+    """Backbone + neck + head + learned shape prior (+ visibility head).
 
-    forward(images (Tensor[B, 3, H, W], any float range)) -> Tensor[B, N, 2], pixels of the input image.
-    neck is None for the FC head (it reads the backbone's out4 directly).
+    forward(images (Tensor[B, 3, H, W], any float range)) -> (landmarks Tensor[B, N, 2] in pixels of the input
+    image, visibility logits Tensor[B, N] fp32, or None for a model without a visibility head).
+    neck is None for the FC head (it reads the backbone's out4 directly); visibility reads out4 too.
     """
 
     def __init__(self, backbone: nn.Module, neck: nn.Module | None, head: nn.Module, scheme: LandmarkScheme,
-                 image_size: int, mean_shape: torch.Tensor, normalize_input: bool = True):
+                 image_size: int, mean_shape: torch.Tensor, normalize_input: bool = True,
+                 visibility: nn.Module | None = None):
         super().__init__()
-        self.backbone, self.neck, self.head = backbone, neck, head
+        self.backbone, self.neck, self.head, self.visibility = backbone, neck, head, visibility
         self.scheme, self.image_size, self.normalize_input = scheme, image_size, normalize_input
         self.shape_prior = nn.Parameter(mean_shape.detach().float().clone() / image_size)
 
@@ -61,22 +64,30 @@ class LandmarkRegressor(nn.Module):
         pooled = features["out4"].mean(dim=(2, 3)) if self.head.relation_learner is not None else None
         return self.neck(features), pooled
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def visibility_logits(self, features: dict) -> torch.Tensor | None:
+        """Logits of P(visible) (Tensor[B, N] fp32) from the backbone maps; None without a visibility head."""
+        return None if self.visibility is None else upcast(self.visibility(features["out4"]))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         features = self.features(images)
         h, w = images.shape[-2:]
-        offsets = self.head(*self.head_input(features))
+        head_input = self.head_input(features)
+        visibility = self.visibility_logits(features)
+        gated = isinstance(self.head, LGRNHead) and self.head.gate_scale is not None
+        offsets = self.head(*head_input, visibility) if gated else self.head(*head_input)
         points = self.shape_prior * self.image_size + upcast(offsets)
         if (h, w) != (self.image_size, self.image_size):
             points = (points + 0.5) * points.new_tensor([w / self.image_size, h / self.image_size]) - 0.5
-        return points
+        return points, visibility
 
     @torch.no_grad()
     def adjacency(self, images: torch.Tensor) -> torch.Tensor:
         """Neighbour weights the L-GRN head applies to each image: Tensor[B, L, N, N] (L graph convs), rows sum to 1."""
         if not isinstance(self.head, LGRNHead):
             raise ValueError("adjacency exists only for the L-GRN head (arch='lgrn')")
-        nodes, pooled = self.head_input(self.features(images))
-        return self.head.adjacency(pooled, batch=nodes.shape[0])
+        features = self.features(images)
+        nodes, pooled = self.head_input(features)
+        return self.head.adjacency(pooled, batch=nodes.shape[0], visibility_logits=self.visibility_logits(features))
 
     def point_indexed_keys(self) -> list[str]:
         """State-dict keys whose entries are indexed by landmark or graph edge (the shape prior, and what the neck

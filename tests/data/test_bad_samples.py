@@ -16,13 +16,17 @@ from structalign.data import (CROP_PADDING, AugmentConfig, DatasetError, Problem
                               write_skipped)
 from structalign.data.augment import out_of_crop_rate
 from structalign.data.commands import check
-from structalign.data.wflw import annotation_path
+from structalign.data.wflw import annotation_path, visibility_path
 
 
 @pytest.fixture
 def root(synth_root, tmp_path):
-    """A private copy of the built-in WFLW-layout data (16 train, 8 test faces of 160 x 160) to damage."""
-    return shutil.copytree(synth_root, tmp_path / "data")
+    """A private copy of the built-in WFLW-layout data (16 train, 8 test faces of 160 x 160) to damage, without the
+    visibility sidecars (as real WFLW: these tests add and change annotation lines; test_readers covers sidecars)."""
+    copy = shutil.copytree(synth_root, tmp_path / "data")
+    for split in ("train", "test"):
+        os.remove(visibility_path(annotation_path(str(copy), split)))
+    return copy
 
 
 def _lines(root):

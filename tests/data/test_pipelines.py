@@ -1,5 +1,6 @@
 """The DALI pipeline (CPU operators here) against the reference pipeline under identical draws, and the geometry both
 must get right: marks stay under their landmarks, a mirror keeps left labels on the left, resume is exact."""
+import dataclasses
 import os
 
 import numpy as np
@@ -7,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from structalign.data import (NORM_MEAN, NORM_STD, AugmentConfig, DatasetError, invert_affine, make_loader,
-                              open_dataset)
-from structalign.data.augment import draw_sample, transform_points
+from structalign.data import (NORM_MEAN, NORM_STD, OCCLUDED, UNLABELLED, VISIBLE, AugmentConfig, DatasetError,
+                              FaceDataset, invert_affine, make_loader, open_dataset)
+from structalign.data.augment import draw_sample, flip_order, transform_points
 from structalign.data.sampling import EpochPlan, pose_balance_repeats
 
 BACKENDS = ["reference", "dali"]
@@ -156,14 +157,20 @@ def test_eval_mode_crops_only_and_matrix_maps_back(synth_root):
     assert (again.landmarks - b.landmarks).abs().max() < 0.05
 
 
-def test_occlusion_rectangle_hides_points_and_pixels(synth_root):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_occlusion_rectangle_hides_points_and_pixels(synth_root, backend):
+    """Labels in the crop: the record's (mirrored with the points), OCCLUDED under the random rectangle even where
+    unlabelled, UNLABELLED outside the crop."""
     ds = open_dataset(synth_root, "wflw", "train")
-    cfg = AugmentConfig(occlusion=1.0, occlusion_area=0.4, brightness=0, contrast=0, saturation=0)
-    batch = next(make_loader(ds, 4, train=True, device="cpu", image_size=64, backend="reference", augment=cfg,
-                             seed=1, num_threads=0).epoch(0))
+    pattern = np.resize(np.array([VISIBLE, OCCLUDED, UNLABELLED, VISIBLE, VISIBLE], np.float32), 98)
+    labelled = FaceDataset([dataclasses.replace(r, visibility=np.roll(pattern, i)) for i, r in enumerate(ds.records)],
+                           ds.scheme, ds.name)
+    cfg = AugmentConfig(occlusion=1.0, occlusion_area=0.4, scale=(1.5, 1.5), brightness=0, contrast=0, saturation=0)
+    batch = next(make_loader(labelled, 8, train=True, device="cpu", image_size=64, backend=backend, augment=cfg,
+                             seed=1, num_threads=1).epoch(0))
     images = _pixels(batch.images)
-    hidden = 0
-    for b in range(4):
+    hidden, outside, flipped = 0, 0, 0
+    for b in range(8):
         draw = draw_sample(cfg, 64, 1, 0, b)
         x0, y0, x1, y1 = draw.occlusion
         np.testing.assert_allclose(images[b, y0:y1, x0:x1], np.broadcast_to(draw.occlusion_colour,
@@ -171,9 +178,14 @@ def test_occlusion_rectangle_hides_points_and_pixels(synth_root):
         lm = batch.landmarks[b].numpy()
         under = (lm[:, 0] >= x0 - 0.5) & (lm[:, 0] < x1 - 0.5) & (lm[:, 1] >= y0 - 0.5) & (lm[:, 1] < y1 - 0.5)
         inside = np.all((lm > -0.5) & (lm < 63.5), axis=1)
-        np.testing.assert_array_equal(batch.visibility[b].numpy(), (inside & ~under).astype(np.float32))
-        hidden += under.sum()
-    assert hidden > 0
+        record = labelled[int(batch.index[b])].visibility
+        expected = np.where(inside, record[flip_order(ds.scheme, draw)], UNLABELLED)
+        expected[under] = OCCLUDED
+        np.testing.assert_array_equal(batch.visibility[b].numpy(), expected)
+        hidden += (under & (record[flip_order(ds.scheme, draw)] != OCCLUDED)).sum()
+        outside += (~inside).sum()
+        flipped += draw.flip and not np.array_equal(record[flip_order(ds.scheme, draw)], record)
+    assert hidden > 0 and outside > 0 and 0 < flipped < 8
 
 
 def test_shards_are_disjoint_equal_and_deterministic():

@@ -2,6 +2,7 @@
 in each publisher's layout; malformed input must name file and line, or be skipped and counted on request."""
 import json
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from structalign.data import DatasetError, open_dataset, split_validation
+from structalign.data import OCCLUDED, UNLABELLED, VISIBLE, DatasetError, open_dataset, split_validation
 from structalign.data.commands import check
-from structalign.data.wflw import annotation_path
+from structalign.data.synth import render_dataset, render_face
+from structalign.data.wflw import annotation_path, visibility_path
 
 
 def _jpeg(path, width=40, height=30):
@@ -48,7 +50,8 @@ def test_wflw_reads_fields_and_subsets(wflw_root):
     assert r.landmarks.shape == (98, 2) and r.landmarks.dtype == np.float32
     np.testing.assert_array_equal(r.box, [1, 2, 30, 28])
     np.testing.assert_array_equal(r.attributes, [0, 1, 0, 0, 0, 0])
-    assert os.path.isfile(r.image_path) and r.visibility.sum() == 98
+    assert os.path.isfile(r.image_path)
+    assert all(np.all(r.visibility == UNLABELLED) for r in ds.records) and not ds.has_visibility_labels  # no sidecar
     assert len(open_dataset(str(wflw_root), "wflw", "test")) == 4
     assert len(open_dataset(str(wflw_root), "wflw", "pose")) == 1
     assert len(open_dataset(str(wflw_root), "wflw", "largepose")) == 1
@@ -208,7 +211,7 @@ def test_coco_keypoints_json(tmp_path):
         _jpeg(str(tmp_path / "images" / f"{i}.jpg"))
         images.append({"id": i, "file_name": f"{i}.jpg", "height": 30, "width": 40})
         kp = np.concatenate([rng.uniform(2, 28, (68, 2)), np.full((68, 1), 2.0)], axis=1)
-        kp[5, 2] = 0
+        kp[5, 2], kp[6, 2] = 0, 1
         annotations.append({"id": 10 + i, "image_id": i, "keypoints": kp.ravel().tolist(), "bbox": [1, 2, 20, 25],
                             "num_keypoints": 68, "category_id": 1, "iscrowd": 0})
     (tmp_path / "annotations").mkdir()
@@ -217,7 +220,14 @@ def test_coco_keypoints_json(tmp_path):
     ds = open_dataset(str(tmp_path), "coco", "train")
     assert len(ds) == 3 and ds.scheme.name == "300w68"
     np.testing.assert_allclose(ds[0].box, [1, 2, 21, 27])
-    assert ds[0].visibility[5] == 0 and ds[0].visibility.sum() == 67
+    assert ds[0].visibility[5] == UNLABELLED and ds[0].visibility[6] == OCCLUDED  # v = 0, v = 1
+    assert np.all(np.delete(ds[0].visibility, [5, 6]) == VISIBLE) and ds.has_visibility_labels  # v = 2
+    np.testing.assert_allclose(ds[0].landmarks[5], np.reshape(annotations[0]["keypoints"], (-1, 3))[5, :2], atol=1e-4)
+    bad = json.loads(ann.read_text())
+    bad["annotations"][2]["keypoints"][3 * 7 + 2] = 3
+    ann.write_text(json.dumps(bad))
+    with pytest.raises(DatasetError, match=r"annotation:3: keypoint flags v must be 0, 1 or 2, got \[3.0\]"):
+        open_dataset(str(tmp_path), "coco", "train")
     del annotations[1]["bbox"]
     ann.write_text(json.dumps({"images": images, "annotations": annotations}))
     with pytest.raises(DatasetError, match=r"annotation:2: missing key 'bbox'"):
@@ -272,3 +282,73 @@ def test_data_check_reports_counts_and_problems(wflw_root):
     train = lines.index("wflw train: 2 faces (wflw98), 1 problem")
     test = lines.index("wflw test: 3 faces (wflw98), 1 problem")
     assert lines[train + 1] == "    bad annotation: 1" and lines[test + 1] == "    missing image: 1"
+
+
+def test_wflw_visibility_sidecar_round_trip(tmp_path):
+    paths = render_dataset(str(tmp_path), 12, 6, seed=3, width=128, height=128, workers=1, occlusion=1.0)
+    for split, count in (("train", 12), ("test", 6)):
+        ds = open_dataset(str(tmp_path), "wflw", split)
+        rendered = np.stack([render_face(np.random.default_rng([3, 1 if split == "train" else 2, i]), 128, 128,
+                                         occlusion=1.0)[4] for i in range(count)])
+        np.testing.assert_array_equal(np.stack([r.visibility for r in ds.records]), rendered)
+        assert ds.has_visibility_labels and (rendered == OCCLUDED).any() and (rendered == VISIBLE).any()
+        assert len(open(visibility_path(paths[split])).read().splitlines()) == count
+    test = open_dataset(str(tmp_path), "wflw", "test")
+    for subset in ("pose", "occlusion"):  # a subset keeps the labels of its lines
+        part = open_dataset(str(tmp_path), "wflw", subset)
+        assert len(part) > 0
+        for r in part.records:
+            np.testing.assert_array_equal(r.visibility, test[r.line - 1].visibility)
+    os.remove(visibility_path(paths["train"]))
+    ds = open_dataset(str(tmp_path), "wflw", "train")
+    assert all(np.all(r.visibility == UNLABELLED) for r in ds.records) and not ds.has_visibility_labels
+
+
+def _rewrite_sidecar(root, edit):
+    sidecar = visibility_path(annotation_path(str(root), "train"))
+    rows = [line.split() for line in open(sidecar).read().splitlines()]
+    edit(rows)
+    open(sidecar, "w").write("".join(" ".join(r) + "\n" for r in rows))
+    return sidecar
+
+
+@pytest.mark.parametrize("fault, message", [
+    (lambda rows: rows[1].pop(), r"expected 98 visibility labels \(1, 0 or -1\), got 97"),
+    (lambda rows: rows[1].__setitem__(7, "2"), r"visibility labels must be 1, 0 or -1, got 2 for point 7"),
+    (lambda rows: rows[1].__setitem__(7, "nan"), r"visibility labels must be 1, 0 or -1, got nan for point 7"),
+    (lambda rows: rows[1].__setitem__(7, "x"), r"non-numeric visibility label"),
+])
+def test_wflw_bad_sidecar_line_names_file_and_line(synth_root, tmp_path, fault, message):
+    root = shutil.copytree(synth_root, tmp_path / "data")
+    sidecar = _rewrite_sidecar(root, fault)
+    with pytest.raises(DatasetError, match=rf"{sidecar}:2: {message}"):
+        open_dataset(str(root), "wflw", "train")
+    ds = open_dataset(str(root), "wflw", "train", on_error="skip")
+    assert len(ds) == 15 and [(s.source, s.line) for s in ds.skipped] == [(sidecar, 2)]
+
+
+def test_wflw_sidecar_of_another_length_is_refused(synth_root, tmp_path):
+    root = shutil.copytree(synth_root, tmp_path / "data")
+    sidecar = _rewrite_sidecar(root, lambda rows: rows.pop())
+    path = annotation_path(str(root), "train")
+    with pytest.raises(DatasetError, match=rf"sidecar {sidecar} has 15 lines but the annotation file {path} has 16"):
+        open_dataset(str(root), "wflw", "train", on_error="skip")
+
+
+def test_list_reader_visibility_labels(tmp_path):
+    _jpeg(str(tmp_path / "a.jpg"))
+    points = np.random.default_rng(5).uniform(2, 28, (68, 2)).round(2).tolist()
+    labels = [1] * 66 + [0, -1]
+    faces = [{"image": "a.jpg", "box": [1, 2, 30, 28], "landmarks": points, "visibility": labels},
+             {"image": "a.jpg", "box": [1, 2, 30, 28], "landmarks": points[::-1]}]
+    (tmp_path / "train.json").write_text(json.dumps(faces))
+    ds = open_dataset(str(tmp_path), "list", "train")
+    np.testing.assert_array_equal(ds[0].visibility, labels)
+    assert np.all(ds[1].visibility == UNLABELLED) and ds.has_visibility_labels
+    for wrong, message in (([1] * 67 + [2], r"visibility labels must be 1 \(visible\), 0 \(occluded\) or -1 "
+                                            r"\(unlabelled\), got 2.0 for point 67"),
+                           ([1] * 67, r"67 visibility labels \(shape \[67\]\) for 68 landmarks")):
+        faces[1]["visibility"] = wrong
+        (tmp_path / "train.json").write_text(json.dumps(faces))
+        with pytest.raises(DatasetError, match=rf"{tmp_path / 'train.json'}:2: {message}"):
+            open_dataset(str(tmp_path), "list", "train")

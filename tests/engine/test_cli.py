@@ -41,6 +41,21 @@ def test_eval_writes_metrics_report_ced_and_csv(checkpoint, synth_root, tmp_path
     assert list(tmp_path.glob("overlay_*.png"))
 
 
+def test_eval_reports_occluded_and_visible_points_and_the_visibility_auroc(checkpoint, tmp_path, capsys):
+    """On data with per-point labels (the built-in faces, every one with occluders) eval adds the occlusion table."""
+    from structalign.data.synth import render_dataset
+
+    data = str(tmp_path / "occluded")
+    render_dataset(data, 0, 6, seed=3, width=128, height=128, workers=1, occlusion=1.0)
+    assert main(["eval", checkpoint, "--data", data, "--out", str(tmp_path / "eval")]) == 0
+    assert "occluded points NME" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"]
+    labels = np.stack([r.visibility for r in open_dataset(data, fmt="wflw", split="test").records])
+    assert summary["nme_occluded"] > 0 and summary["nme_visible"] > 0 and 0 <= summary["visibility_auroc"] <= 1
+    assert summary["heavy_occlusion"]["count"] == int(((labels == 0).sum(1) >= 0.2 * (labels >= 0).sum(1)).sum())
+    assert "visibility AUROC" in (tmp_path / "eval" / "report.md").read_text()
+
+
 def test_predictor_matches_evaluation(checkpoint, synth_root):
     test = open_dataset(synth_root, fmt="wflw", split="test")
     model, _ = model_from_checkpoint(checkpoint)
@@ -86,9 +101,9 @@ def test_export_matches_pytorch_in_onnxruntime(checkpoint, tmp_path, caplog):
     model, _ = model_from_checkpoint(checkpoint, op_backend="reference")
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        expected = model(images).numpy()
+        expected = model(images)[0].numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"images": images.numpy()})
+    (got,) = session.run(["landmarks"], {"images": images.numpy()})  # "visibility" is tests/inference/test_onnx.py's
     np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-4)
 
 

@@ -91,7 +91,7 @@ def test_a_checkpoint_travels_without_its_config_data_or_scheme_file(synth_root,
     shutil.rmtree(run)
     os.remove(scheme_file)
     model, state = model_from_checkpoint(str(moved))
-    assert model.scheme.name == "mine98" and model(torch.rand(1, 3, 64, 64)).shape == (1, 98, 2)
+    assert model.scheme.name == "mine98" and model(torch.rand(1, 3, 64, 64))[0].shape == (1, 98, 2)
     assert main(["eval", str(moved), "--data", synth_root, "--norm", "inter_pupil"]) == 0
     face = open_dataset(synth_root, fmt="wflw", split="test")[0]
     found = Predictor(str(moved), device="cpu", detector=None, flip_test=True).predict(face.image_path, [face.box])

@@ -408,3 +408,31 @@ def test_progress_bar_on_a_terminal_shows_rate_and_loss(synth_root, tmp_path, mo
     train(tiny_config(synth_root, str(tmp_path / "quiet"), data={"val_fraction": 0.0},
                       train={"epochs": 1, "progress": False}))
     assert terminal.getvalue() == ""
+
+
+def test_visibility_head_learns_from_the_labels_and_validation_scores_it(uninterrupted):
+    """The built-in data carries exact per-point occluder labels: the step adds their cross-entropy (logged as
+    `visibility`, its loss part) and validation reports the AUROC of the predicted P(visible)."""
+    out, full = uninterrupted
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    steps = [r for r in records if "loss" in r]
+    assert all(r["visibility"] > 0 for r in steps)
+    assert all(r["loss"] == pytest.approx(r["absolute"] + r["relative"] + 0.5 * r["visibility"], rel=1e-5)
+               for r in steps)
+    assert all(v["val_visibility_auroc"] is None or 0 <= v["val_visibility_auroc"] <= 1 for v in full["val"])
+    assert all("val_nme_visible" in v and "val_heavy_occlusion" in v for v in full["val"])
+
+
+def test_data_without_visibility_labels_trains_and_says_the_head_gets_no_loss(synth_root, tmp_path, capsys):
+    root = tmp_path / "unlabelled"
+    shutil.copytree(synth_root, root)
+    sidecars = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".visibility.txt")]
+    assert sidecars  # the built-in data has them; without them the WFLW reader has no per-point labels
+    for path in sidecars:
+        os.remove(path)
+    out = str(tmp_path / "run")
+    result = train(tiny_config(str(root), out, train={"epochs": 1}))
+    assert "has no per-landmark visibility labels: the visibility head gets no loss" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["visibility"] for r in records if "loss" in r] == [0.0] * result["steps"]
+    assert all(v["val_visibility_auroc"] is None for v in result["val"])

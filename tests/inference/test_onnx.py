@@ -1,5 +1,6 @@
-"""ONNX export as one self-contained file, and OnnxPredictor: same faces and landmarks as the torch Predictor
-(< 0.05 px), metadata checks, and no torch import on the ONNX path."""
+"""ONNX export as one self-contained file, and OnnxPredictor: same faces, landmarks (< 0.05 px) and P(visible)
+(< 1e-4) as the torch Predictor, the outputs "landmarks" and "visibility" (only "landmarks" for a model without a
+visibility head), metadata checks, and no torch import on the ONNX path."""
 import json
 import os
 import shutil
@@ -37,9 +38,12 @@ def test_export_writes_one_self_contained_file_that_loads_alone(checkpoint, tmp_
     model, _ = model_from_checkpoint(checkpoint, op_backend="reference")
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        expected = model(images).numpy()
-    (got,) = session.run(None, {"images": images.numpy()})
-    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-4)
+        expected, logits = model(images)
+    assert [o.name for o in session.get_outputs()] == ["landmarks", "visibility"]
+    got, visibility = session.run(None, {"images": images.numpy()})
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-3, rtol=1e-4)
+    assert visibility.shape == (3, 98) and visibility.dtype == np.float32
+    np.testing.assert_allclose(visibility, torch.sigmoid(logits).numpy(), atol=1e-5)  # P(visible): sigmoid in-graph
 
 
 def test_export_with_normalisation_in_the_graph(onnx_models, checkpoint):
@@ -51,9 +55,10 @@ def test_export_with_normalisation_in_the_graph(onnx_models, checkpoint):
     assert meta["structalign.image_size"] == 64 and meta["structalign.crop_padding"] == 1.5
     crops = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     session = ort.InferenceSession(onnx_models["crops"], providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"crops": crops})
-    predictor = Predictor(checkpoint, device="cpu")
-    np.testing.assert_allclose(got, predictor._forward(crops), atol=1e-3)
+    got, visibility = session.run(None, {"crops": crops})
+    expected, expected_visibility = Predictor(checkpoint, device="cpu")._forward(crops)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    np.testing.assert_allclose(visibility, expected_visibility, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["crops", "normalised"])
@@ -68,6 +73,8 @@ def test_onnx_predictor_agrees_with_the_torch_predictor(onnx_models, checkpoint,
             np.testing.assert_array_equal(face_a.box, face_b.box)
             assert face_a.score == face_b.score
             assert np.abs(face_a.landmarks - face_b.landmarks).max() < 0.05
+            assert face_a.visibility.shape == (98,) and face_a.visibility.dtype == np.float32
+            assert np.abs(face_a.visibility - face_b.visibility).max() < 1e-4
 
 
 def test_onnx_predictor_does_not_import_torch(onnx_models, astronaut, tmp_path):
@@ -79,7 +86,7 @@ def test_onnx_predictor_does_not_import_torch(onnx_models, astronaut, tmp_path):
         "import sys, numpy as np\n"
         "from structalign.inference.onnx_predictor import OnnxPredictor\n"
         f"faces = OnnxPredictor({onnx_models['crops']!r}, flip_test=True).predict({str(image)!r})[0].faces\n"
-        "assert len(faces) == 1 and faces[0].landmarks.shape == (98, 2)\n"
+        "assert len(faces) == 1 and faces[0].landmarks.shape == (98, 2) and faces[0].visibility.shape == (98,)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -32,13 +32,14 @@ def test_folder_batch_goes_on_past_bad_files(checkpoint, astronaut, tmp_path, ca
     assert [len(images[str(photos / n)]["faces"]) for n in ("a_astronaut.jpg", "more/b_two.png")] == [1, 2]
     assert images[str(photos / "d_blank.png")]["error"].endswith("no face found")
     face = images[str(photos / "a_astronaut.jpg")]["faces"][0]
-    assert set(face) == {"box", "score", "landmarks"} and len(face["landmarks"]) == 98 and face["score"] > 1
+    assert set(face) == {"box", "score", "landmarks", "visibility"} and len(face["landmarks"]) == 98
+    assert face["score"] > 1
     with open(out / "landmarks.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0][:9] == ["source", "frame", "face", "track", "box_x0", "box_y0", "box_x1", "box_y1", "score"]
     assert rows[0][9:13] == ["x0", "y0", "x1", "y1"] and len(rows) == 1 + 3
     row = next(r for r in rows[1:] if r[0].endswith("a_astronaut.jpg"))
-    np.testing.assert_allclose(np.array(row[9:], float).reshape(98, 2), face["landmarks"], atol=2e-3)
+    np.testing.assert_allclose(np.array(row[9:9 + 2 * 98], float).reshape(98, 2), face["landmarks"], atol=2e-3)
     assert sorted(p.name for p in out.glob("*.png")) == ["0000_a_astronaut.png", "0003_b_two.png"]
 
 

@@ -78,7 +78,7 @@ def test_predict_command_on_a_video(checkpoint, clip, tmp_path, capsys):
     assert lefts[-1] < lefts[0] - 15  # the face moves left in the picture as the camera pans right
     with open(tmp_path / "result" / "out.csv") as f:
         rows = list(csv.reader(f))
-    assert len(rows) == 1 + FRAMES and len(rows[0]) == 9 + 2 * 98
+    assert len(rows) == 1 + FRAMES and len(rows[0]) == 9 + 3 * 98 and rows[0][-1] == "visibility97"
     assert [int(r[1]) for r in rows[1:]] == list(range(FRAMES))
 
 

@@ -18,9 +18,9 @@ TINY = dict(backbone="resnet18", image_size=64, head_width=16, num_blocks=1, bac
 def test_output_shape_per_scheme_and_adjacency(scheme, adjacency):
     model = build_model(scheme=scheme, adjacency=adjacency, **TINY)
     n = {"wflw98": 98, "300w68": 68, "cofw29": 29}[scheme]
-    out = model(torch.rand(2, 3, 64, 64))
-    assert out.shape == (2, n, 2)
-    out.sum().backward()
+    out, visibility = model(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, n, 2) and visibility.shape == (2, n)
+    (out.sum() + visibility.sum()).backward()
     assert all(p.grad is not None for p in model.head.parameters())
 
 
@@ -29,7 +29,8 @@ def test_output_shape_per_scheme_and_adjacency(scheme, adjacency):
 def test_variants_forward(kw):
     model = build_model(**{**TINY, **kw})
     size = kw.get("image_size", 64)
-    assert model(torch.rand(2, 3, size, size)).shape == (2, 98, 2)
+    points, visibility = model(torch.rand(2, 3, size, size))
+    assert points.shape == (2, 98, 2) and visibility.shape == (2, 98)
 
 
 def test_graphs_of_the_schemes():
@@ -76,11 +77,11 @@ def test_output_is_the_shape_prior_when_the_head_is_silent():
     model = build_model(mean_shape=mean_shape, **TINY).eval()
     torch.nn.init.zeros_(model.head.output.weight)
     torch.nn.init.zeros_(model.head.output.bias)
-    out = model(torch.rand(2, 3, 64, 64))
+    out, _ = model(torch.rand(2, 3, 64, 64))
     torch.testing.assert_close(out, torch.as_tensor(mean_shape, dtype=torch.float32).expand(2, -1, -1))
     # A 96 x 128 input is resized to the network's 64 px and the points scaled back (pixel centres at integers).
     scale = torch.tensor([1.5, 2.0])
-    torch.testing.assert_close(model(torch.rand(1, 3, 128, 96)),
+    torch.testing.assert_close(model(torch.rand(1, 3, 128, 96))[0],
                                ((torch.as_tensor(mean_shape, dtype=torch.float32) + 0.5) * scale - 0.5)[None])
 
 
@@ -89,7 +90,7 @@ def test_other_input_size_is_resized_and_scaled_back():
     big = torch.rand(2, 3, 128, 128)
     small = torch.nn.functional.interpolate(big, size=(64, 64), mode="bilinear", align_corners=False,
                                             antialias=True)
-    torch.testing.assert_close(model(big), (model(small) + 0.5) * 2 - 0.5)
+    torch.testing.assert_close(model(big)[0], (model(small)[0] + 0.5) * 2 - 0.5)
 
 
 def test_channels_last_gives_the_same_output():
@@ -138,9 +139,9 @@ def test_bf16_autocast_keeps_fp32_landmarks():
     model = build_model(**TINY).eval()
     x = torch.rand(2, 3, 64, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, model(x), rtol=0, atol=1.0)
+        out, visibility = model(x)
+    assert out.dtype == torch.float32 and visibility.dtype == torch.float32
+    torch.testing.assert_close(out, model(x)[0], rtol=0, atol=1.0)
 
 
 def test_graph_block_hands_the_op_a_channel_contiguous_gradient():
@@ -234,9 +235,9 @@ def test_bf16_autocast_through_the_fused_cpp_head():
     assert all(conv.fused for conv in model.head.graph_convs())  # built fused by default
     x = torch.rand(2, 3, 64, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, model(x), rtol=0, atol=1.0)
+        out, visibility = model(x)
+    assert out.dtype == torch.float32 and visibility.dtype == torch.float32
+    torch.testing.assert_close(out, model(x)[0], rtol=0, atol=1.0)
 
 
 def test_build_model_fused_layers_flag():

@@ -41,7 +41,7 @@ def train(graph_backend: str, loss_backend: str):
     def train_nme():
         model.eval()
         with torch.no_grad():
-            nme = per_image_nme(model(images), target, "wflw98").mean()
+            nme = per_image_nme(model(images)[0], target, "wflw98").mean()
         model.train()
         return nme
 
@@ -52,7 +52,7 @@ def train(graph_backend: str, loss_backend: str):
     try:
         before, losses = train_nme(), []
         for _ in range(STEPS):
-            loss, _ = criterion(model(images), target)
+            loss, _ = criterion(model(images)[0], target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
