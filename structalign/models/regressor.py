@@ -73,8 +73,8 @@ class LandmarkRegressor(nn.Module):
         h, w = images.shape[-2:]
         head_input = self.head_input(features)
         visibility = self.visibility_logits(features)
-        gated = isinstance(self.head, LGRNHead) and self.head.gate_scale is not None
-        offsets = self.head(*head_input, visibility) if gated else self.head(*head_input)
+        # An L-GRN head reads the visibility logits where it has the visibility gate (LGRNHead.edge_bias).
+        offsets = self.head(*head_input, visibility) if isinstance(self.head, LGRNHead) else self.head(*head_input)
         points = self.shape_prior * self.image_size + upcast(offsets)
         if (h, w) != (self.image_size, self.image_size):
             points = (points + 0.5) * points.new_tensor([w / self.image_size, h / self.image_size]) - 0.5

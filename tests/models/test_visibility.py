@@ -5,7 +5,7 @@ import torch
 from structalign.losses import visibility_loss
 from structalign.models import build_model
 
-TINY = dict(backbone="resnet18", image_size=64, head_width=8, num_blocks=1, backbone_width=8, op_backend="reference")
+from model_helpers import TINY
 
 
 def test_gate_scales_each_neighbour_weight_by_its_visibility_and_renormalises():
