@@ -13,8 +13,22 @@ CHECK_CUDA_ARCHS ?= 8.0;9.0
 export MAX_JOBS ?= 2
 BUILD_LOCK := /tmp/structalign-build.lock
 OUT ?= runs/gpu-check
+# What `make gpu-check` needs beyond the GPU machines' image (README "GPU check"): pydantic and its needs, for CPython
+# 3.12 (the image's) and for the local python (the dry run here), one folder per Python: .gpu-deps/cp312, ...
+GPU_DEPS := .gpu-deps
+GPU_DEPS_PYTHONS := $(sort 3.12 $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'))
+PYDANTIC_REQ := $(shell sed -n 's/^\(pydantic[^ #]*\).*/\1/p' requirements-cpu.txt)
+# A venv with only the image's packages that the GPU check uses (no pydantic, no DALI), where its dry run runs with
+# $(GPU_DEPS) (tests/test_gpu_check.py). torch and Triton: the pinned releases unless IMAGE_TORCH / IMAGE_TRITON name
+# others (the registry has no CPU build of the image's torch 2.11: IMAGE_TORCH=2.11.0 IMAGE_TRITON=3.6.0 brings its
+# CUDA build, ~4 GB).
+IMAGE_VENV := .venv-image
+IMAGE_TORCH ?= $(TORCH_PIN)
+IMAGE_TRITON ?= $(shell sed -n 's/^triton==\([0-9][0-9.]*\).*/\1/p' requirements-cpu.txt)
+IMAGE_PACKAGES := torch==$(IMAGE_TORCH) triton==$(IMAGE_TRITON) numpy pytest pyyaml scipy pillow tqdm "opencv-python-headless<5" \
+  h5py onnx setuptools ninja
 
-.PHONY: demo test ext check-cuda check-cuda-build bench gpu-check clean
+.PHONY: demo test ext check-cuda check-cuda-build bench gpu-check gpu-deps image-venv gpu-check-dry clean
 
 $(VENV)/.installed: requirements-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +49,7 @@ $(VENV)/.editable: $(VENV)/.installed setup.py
 ext: $(VENV)/.editable
 	flock $(BUILD_LOCK) $(PY) setup.py -q build_ext --inplace
 
-test: ext $(VENV)/.installed-test
+test: ext $(VENV)/.installed-test gpu-deps image-venv
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q tests
 
@@ -73,10 +87,34 @@ check-cuda-build: $(CUDA_STAMP)
 	CUDA_HOME=$(CUDA_HOME) $(CUDA_PY) tools/check_cuda_build.py build/check-cuda/lib \
 	  --archs "$(CHECK_CUDA_ARCHS)" --torch-pin $(TORCH_PIN)
 
-# The whole GPU path in one short run, on a GPU machine's own python3 and torch (no venv, nothing installed):
-# builds for the local GPU, runs the `gpu` tests, compute-sanitizer, the op benchmark; writes $(OUT)/results.{json,md}.
+# The whole GPU path in one short run, on a GPU machine's own python3 and torch (no venv, nothing installed, no
+# network; carry $(GPU_DEPS) there): builds for the local GPU, runs the `gpu` tests, compute-sanitizer, the benchmarks;
+# writes $(OUT)/results.{json,md}. `make gpu-check-dry` runs its dry run here, in $(IMAGE_VENV).
 gpu-check:
 	$(PYTHON) tools/gpu_check.py --out $(OUT)
+
+gpu-check-dry: gpu-deps image-venv
+	$(IMAGE_VENV)/bin/python tools/gpu_check.py --dry-run --out $(OUT)-dry
+
+gpu-deps: $(GPU_DEPS)/.complete
+
+$(GPU_DEPS)/.complete: requirements-cpu.txt
+	rm -rf $(GPU_DEPS)
+	for v in $(GPU_DEPS_PYTHONS); do PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install -q --no-warn-conflicts \
+	  --no-compile --only-binary=:all: --implementation cp \
+	  --python-version $$v --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --target $(GPU_DEPS)/cp$${v/./} "$(PYDANTIC_REQ)" || exit 1; done
+	@mib=$$(du -sm $(GPU_DEPS) | cut -f1); echo "gpu-deps: $(GPU_DEPS) holds $$mib MiB"; \
+	  test $$mib -le 64 || { echo "gpu-deps: over 64 MiB"; exit 1; }
+	touch $@
+
+image-venv: $(IMAGE_VENV)/.installed-torch-$(IMAGE_TORCH)-triton-$(IMAGE_TRITON)
+
+$(IMAGE_VENV)/.installed-torch-$(IMAGE_TORCH)-triton-$(IMAGE_TRITON): requirements-cpu.txt
+	rm -rf $(IMAGE_VENV)
+	$(PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q $(IMAGE_PACKAGES)
+	touch $@
 
 clean:
 	rm -rf build structalign/_C*.so $(VENV)/.editable

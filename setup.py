@@ -1,54 +1,34 @@
 """Build of structalign and its C++/CUDA extension `structalign._C`.
 
-    pip install -r requirements-cpu.txt && pip install -e . --no-build-isolation
+    pip install -e .                                  # the package; the extension builds on first use (cached)
+    pip install -e . --no-build-isolation             # the package and the extension, compiled now
 
-C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always compiled. CUDA sources (csrc/cuda/*.cu) are compiled when the
-installed torch is a CUDA build and a CUDA toolkit is found (tools/cuda_home.py: CUDA_HOME, CUDA_PATH, the nvcc on
-PATH, /usr/local/cuda); a GPU is not needed to build. A CUDA build of torch with no toolkit builds the CPU kernels only
-and says so loudly. STRUCTALIGN_CUDA=0 forces a CPU-only build, STRUCTALIGN_CUDA=1 makes a missing toolkit an error.
-TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100). STRUCTALIGN_DEBUG=1 builds with -O0 -g.
-STRUCTALIGN_NO_EXT=1 leaves the extension out (the Makefile's editable install, so that `make` compiles it once, with
-`setup.py build_ext --inplace`, instead of twice).
+With pip's build isolation (the default) this script cannot see the environment's torch, so it installs the Python
+package only, and the extension is compiled on first use into a cache (structalign/ops/extension.py). Where torch is
+importable (--no-build-isolation, `setup.py build_ext`), the extension is compiled here, from the same build spec
+(structalign/ops/extension.py: sources, flags, the CUDA decision, STRUCTALIGN_CUDA, TORCH_CUDA_ARCH_LIST,
+STRUCTALIGN_DEBUG). STRUCTALIGN_NO_EXT=1 leaves the extension out (the Makefile's editable install, so that `make`
+compiles it once, with `setup.py build_ext --inplace`, instead of twice).
+torch is not an install requirement: the environment brings its own (a bare `torch` would pull a 5 GB CUDA build).
 """
-import glob
 import importlib.util
 import os
+import re
 import sys
-import sysconfig
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+ENVIRONMENT_CHOOSES = re.compile(r"^(torch|triton|nvidia-dali-\S+)\b")  # CPU or CUDA builds: the user's choice
 
 
-def _tool(name: str):
-    """The module tools/<name>.py, or None in an sdist without tools/."""
-    path = os.path.join(ROOT, "tools", f"{name}.py")
-    if not os.path.isfile(path):
-        return None
-    spec = importlib.util.spec_from_file_location(f"_structalign_{name}", path)
+def _load_extension_spec():
+    """structalign/ops/extension.py, loaded by path: importing the package would need torch."""
+    path = os.path.join(ROOT, "structalign", "ops", "extension.py")
+    spec = importlib.util.spec_from_file_location("_structalign_extension", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _find_cuda_home():
-    """A CUDA toolkit root (bin/nvcc and include/cuda_runtime.h) or None, found by tools/cuda_home.py."""
-    tool = _tool("cuda_home")
-    return "torch" if tool is None else tool.find_cuda_home()  # without tools/: torch's own guess
-
-
-# Before torch.utils.cpp_extension reads CUDA_HOME (it guesses /usr/local behind an nvcc wrapper script).
-_CUDA_HOME = _find_cuda_home()
-if _CUDA_HOME not in (None, "torch"):
-    os.environ["CUDA_HOME"] = _CUDA_HOME
-
-import torch  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
-
-if _CUDA_HOME == "torch":
-    _CUDA_HOME = cpp_extension.CUDA_HOME if cpp_extension.CUDA_HOME and os.path.isfile(
-        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")) else None
 
 
 def _warn(message: str) -> None:
@@ -56,72 +36,43 @@ def _warn(message: str) -> None:
     print(f"\n{bar}\nWARNING (structalign setup.py): {message}\n{bar}\n", file=sys.stderr, flush=True)
 
 
-def _want_cuda() -> bool:
-    flag = os.environ.get("STRUCTALIGN_CUDA", "auto").lower()
-    if flag in ("0", "false", "no"):
-        return False
-    home = _CUDA_HOME if torch.version.cuda is not None else None
-    if torch.version.cuda is not None:
-        cpp_extension.CUDA_HOME = home
-    have = torch.version.cuda is not None and home is not None
-    if flag in ("1", "true", "yes"):
-        if not have:
-            raise RuntimeError(
-                "STRUCTALIGN_CUDA=1 but no CUDA build is possible: "
-                f"torch {torch.__version__} (torch.version.cuda={torch.version.cuda!r}), CUDA toolkit={home!r}. "
-                "Install a CUDA build of torch and a CUDA toolkit (nvcc), and set CUDA_HOME (e.g. /usr/local/cuda)."
-            )
-        return True
-    if torch.version.cuda is not None and home is None:
-        _warn(
-            f"torch {torch.__version__} is a CUDA {torch.version.cuda} build, but no CUDA toolkit was found "
-            "(no nvcc in CUDA_HOME, CUDA_PATH, on PATH or in /usr/local/cuda).\n"
-            "Only the CPU kernels of structalign._C are built: backend='cpp' cannot run on CUDA tensors, and "
-            "backend='auto' sends CUDA tensors to the Triton kernels instead.\n"
-            f"Install the CUDA {torch.version.cuda.split('.')[0]} toolkit and set CUDA_HOME to build the CUDA "
-            "kernels; STRUCTALIGN_CUDA=0 builds CPU-only without this warning."
-        )
-    return have
+def _install_requires() -> list:
+    """requirements-cpu.txt without torch, Triton (a CUDA torch brings its own) and DALI (optional, CUDA-specific)."""
+    with open(os.path.join(ROOT, "requirements-cpu.txt")) as f:
+        lines = [line.split("#", 1)[0].strip() for line in f]
+    return [line for line in lines if line and not ENVIRONMENT_CHOOSES.match(line)]
 
 
-def _pip_cuda_includes() -> list:
-    """CUDA headers shipped in pip wheels (nvidia/cu13/include) when the toolkit lacks the cuBLAS/cuSPARSE headers
-    that torch's CUDA headers include (a minimal toolkit); none with a full toolkit, whose own headers must win."""
-    toolkit_include = os.path.join(cpp_extension.CUDA_HOME or "", "include")
-    if all(os.path.isfile(os.path.join(toolkit_include, h)) for h in ("cublas_v2.h", "cusparse.h")):
-        return []
-    sites = {sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))}
-    return sorted({p for site in sites for p in glob.glob(os.path.join(site, "nvidia", "*", "include"))
-                   if os.path.isdir(p)})
+def _build_options() -> dict:
+    """ext_modules and cmdclass: the extension where torch is importable, else nothing (it builds on first use)."""
+    if os.environ.get("STRUCTALIGN_NO_EXT") == "1":
+        return {}
+    if importlib.util.find_spec("torch") is None:
+        print("structalign setup.py: no torch in the build environment (pip's build isolation): installing the "
+              "package without compiling structalign._C, which builds on first use (`pip install -e . "
+              "--no-build-isolation` compiles it now)", file=sys.stderr, flush=True)
+        return {}
+    spec_module = _load_extension_spec()
+    cuda_home = spec_module.set_cuda_home()  # before torch.utils.cpp_extension reads CUDA_HOME
+    import torch
+    from torch.utils import cpp_extension
 
-
-def _extension():
-    debug = os.environ.get("STRUCTALIGN_DEBUG", "0") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    tool = _tool("openmp_flags")
-    openmp = tool.openmp_flags() if tool is not None else None
-    if openmp is None:
-        _warn("the C++ compiler takes no OpenMP flags (tools/openmp_flags.py): the CPU kernels will run on one thread")
-        openmp = ([], [])
-    cxx = opt + openmp[0] + ["-fdiagnostics-color=always"]
-    kwargs = dict(
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=openmp[1],
-        py_limited_api=False,
-    )
-    if _want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    spec = spec_module.build_spec(cuda_home)
+    for warning in spec.warnings:
+        _warn(warning)
+    kwargs = dict(include_dirs=spec.include_dirs, extra_link_args=spec.link_flags, py_limited_api=False)
+    if spec.with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", spec_module.DEFAULT_CUDA_ARCHS)
         print(f"structalign setup.py: CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} with "
               f"{cpp_extension.CUDA_HOME}/bin/nvcc, torch {torch.__version__}", file=sys.stderr, flush=True)
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        kwargs["include_dirs"] += _pip_cuda_includes()
-        nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-DSTRUCTALIGN_WITH_CUDA"]
-        return cpp_extension.CUDAExtension(
-            "structalign._C", sources, extra_compile_args={"cxx": cxx + ["-DSTRUCTALIGN_WITH_CUDA"], "nvcc": nvcc},
-            **kwargs,
-        )
-    return cpp_extension.CppExtension("structalign._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        extension = cpp_extension.CUDAExtension(
+            "structalign._C", spec.sources, extra_compile_args={"cxx": spec.cxx_flags, "nvcc": spec.nvcc_flags},
+            **kwargs)
+    else:
+        extension = cpp_extension.CppExtension("structalign._C", spec.sources,
+                                               extra_compile_args={"cxx": spec.cxx_flags}, **kwargs)
+    return dict(ext_modules=[extension],
+                cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})
 
 
 setup(
@@ -131,8 +82,8 @@ setup(
     packages=find_packages(include=["structalign", "structalign.*"]) + ["structalign_kernels"],
     package_dir={"structalign_kernels": "kernels"},
     package_data={"structalign": ["configs/*.yaml", "schemes/*.yaml"]},
-    ext_modules=[] if os.environ.get("STRUCTALIGN_NO_EXT") == "1" else [_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    install_requires=_install_requires(),
     entry_points={"console_scripts": ["structalign = structalign.cli:main"]},
     python_requires=">=3.10",
+    **_build_options(),
 )

@@ -1,14 +1,16 @@
-"""Measure the detector box -> face box calibration (structalign/inference/detector.py HAAR_CALIBRATION).
+"""Measure the detector box -> face box calibration (structalign/inference/detector.py YUNET_CALIBRATION).
 
-For each annotated face of the given datasets (and, by default, of their mirror images), the built-in Haar detector
+For each annotated face of the given datasets (and, by default, of their mirror images), the built-in YuNet detector
 runs on the whole image; the detection overlapping the face's box most (IoU >= 0.3) is matched to it. The face box is
 the tight box of the landmarks (the 300W convention of structalign/data/ibug300w.py; --face-box annotation: the
 dataset's own boxes). Printed: detection recall and unmatched detections with their scores, the fitted calibration
 (median side ratio, median centre offset in detector box sides) with its spread, the box errors left with no and with
 the calibration in use, and how many faces keep all their landmarks inside the crop through it.
-Measured figures and the faces used: benchmarks/RESULTS.md, "Issue 11".
+Measured figures and the faces used: benchmarks/RESULTS.md, "2026-12-05 — face detector".
 
-    .venv/bin/python benchmarks/detector_calibration.py --data ROOT:FORMAT:SPLIT [...] [--synth 200]
+    .venv/bin/python benchmarks/detector_calibration.py --faces FACES [--data ROOT:FORMAT:SPLIT ...] [--synth 200]
+
+--faces: the folder benchmarks/real_faces.py writes (its 52 annotated faces, real_faces.ANNOTATED).
 """
 import argparse
 import os
@@ -17,14 +19,15 @@ from collections import defaultdict
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from real_faces import ANNOTATED  # noqa: E402
 
 from structalign.data import open_dataset  # noqa: E402
 from structalign.data.records import landmark_box  # noqa: E402
 from structalign.inference.crop import crop_matrix  # noqa: E402
-from structalign.inference.detector import BoxCalibration, HaarFaceDetector  # noqa: E402
+from structalign.inference.detector import BoxCalibration, YuNetFaceDetector, box_iou  # noqa: E402
 from structalign.inference.sources import read_image  # noqa: E402
-from structalign.inference.video import box_iou  # noqa: E402
 
 
 def images_and_faces(datasets, mirror: bool, face_box: str):
@@ -66,11 +69,12 @@ def match_faces(datasets, detector, mirror: bool = False, face_box: str = "landm
 
 
 def fit(detected: np.ndarray, target: np.ndarray) -> dict:
-    """Side ratio (face box side / detector side) and centre offset (in detector box sides) per face, with the
-    medians as a BoxCalibration."""
-    side = detected[:, 2] - detected[:, 0]
-    ratio = np.maximum(target[:, 2] - target[:, 0], target[:, 3] - target[:, 1]) / side
-    offset = ((target[:, :2] + target[:, 2:]) - (detected[:, :2] + detected[:, 2:])) / 2 / side[:, None]
+    """Side ratio (larger side of the face box / larger side of the detector box: the crop's scale) and centre offset
+    (x in detector box widths, y in heights, as BoxCalibration applies it) per face, with the medians as a
+    BoxCalibration."""
+    size = detected[:, 2:] - detected[:, :2]
+    ratio = np.max(target[:, 2:] - target[:, :2], axis=1) / np.max(size, axis=1)
+    offset = ((target[:, :2] + target[:, 2:]) - (detected[:, :2] + detected[:, 2:])) / 2 / size
     calibration = BoxCalibration(float(np.median(ratio)), float(np.median(offset[:, 0])),
                                  float(np.median(offset[:, 1])))
     return {"ratio": ratio, "offset": offset, "calibration": calibration}
@@ -102,6 +106,7 @@ def quartiles(x) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--faces", help="the folder benchmarks/real_faces.py wrote: measure on its 52 annotated faces")
     parser.add_argument("--data", action="append", default=[], metavar="ROOT:FORMAT:SPLIT",
                         help="an annotated dataset (structalign.data.open_dataset); repeat for several")
     parser.add_argument("--synth", type=int, default=0, help="also count detections on N built-in renders")
@@ -111,30 +116,31 @@ def main(argv=None) -> int:
     parser.add_argument("--no-mirror", action="store_true", help="do not add the mirrored images (by default each "
                         "image is measured as it is and mirrored, so that the fit is left-right symmetric)")
     args = parser.parse_args(argv)
-    detector = HaarFaceDetector()
+    detector = YuNetFaceDetector()
     datasets = []
-    for spec in args.data:
+    faces = [os.path.join(args.faces, spec) for spec in ANNOTATED] if args.faces else []
+    for spec in faces + args.data:
         root, fmt, split = spec.rsplit(":", 2)
         datasets.append(open_dataset(root, fmt=fmt, split=split, on_error="skip"))
         print(f"{spec}: {len(datasets[-1])} faces ({len(datasets[-1].skipped)} bad annotations left out)")
     if datasets:
         found = match_faces(datasets, detector, mirror=not args.no_mirror, face_box=args.face_box)
         detected, target = np.array(found["detected"]), np.array(found["target"])
-        print(f"Haar detections matched {len(detected)} of {found['faces']} faces; {found['spare']} detections "
+        print(f"detections matched {len(detected)} of {found['faces']} faces; {found['spare']} detections "
               "matched no annotated face")
         print(f"scores of matched detections {quartiles(found['scores'])}, min {min(found['scores']):.2f}; "
               f"of the others: {np.round(sorted(found['spare_scores']), 2).tolist()}")
         result = fit(detected, target)
         print(f"face-box side / detector side:    {quartiles(result['ratio'])}")
-        print(f"centre offset x / detector side:  {quartiles(result['offset'][:, 0])}")
-        print(f"centre offset y / detector side:  {quartiles(result['offset'][:, 1])}")
-        print(f"fitted: {result['calibration']}  (in use: {HaarFaceDetector.calibration})")
-        for name, calibration in (("identity", BoxCalibration()), ("in use", HaarFaceDetector.calibration)):
+        print(f"centre offset x / detector width:  {quartiles(result['offset'][:, 0])}")
+        print(f"centre offset y / detector height: {quartiles(result['offset'][:, 1])}")
+        print(f"fitted: {result['calibration']}  (in use: {YuNetFaceDetector.calibration})")
+        for name, calibration in (("identity", BoxCalibration()), ("in use", YuNetFaceDetector.calibration)):
             side_error, centre_error = box_errors(detected, target, calibration)
             print(f"{name} calibration: median |side error| {100 * side_error:.1f} %, median centre error "
                   f"{100 * centre_error:.1f} % of the face box side")
         for padding in (1.25, 1.5):
-            for name, calibration in (("identity", BoxCalibration()), ("in use", HaarFaceDetector.calibration)):
+            for name, calibration in (("identity", BoxCalibration()), ("in use", YuNetFaceDetector.calibration)):
                 share = inside_crop_share(detected, found["landmarks"], calibration, padding)
                 print(f"crop padding {padding}: all landmarks inside the crop for {100 * share:.1f} % of faces "
                       f"({name} calibration)")
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
             render_dataset(root, 1, args.synth, seed=0)
             test = open_dataset(root, fmt="wflw", split="test")
             found = match_faces([test], detector)
-            print(f"built-in renders: Haar detections matched {len(found['detected'])} of {found['faces']} faces, "
+            print(f"built-in renders: detections matched {len(found['detected'])} of {found['faces']} faces, "
                   f"{found['spare']} detections matched no face")
     return 0
 

@@ -55,10 +55,12 @@ def _quantile(values, q):
 
 
 def measure(fn, device: torch.device, warmup: int = 3, reps: int = 20, min_time_s: float = 0.0) -> dict:
-    """Median, p20 and p80 of fn()'s wall time in ms (at least `reps` runs, and at least `min_time_s` seconds)."""
+    """Median, p20 and p80 of fn()'s wall time in ms (at least `reps` runs, and at least `min_time_s` seconds); on the
+    CPU also "cpu_ms", the median CPU time of this process per call (all its threads: for a one-thread call, its cost
+    without the waits that other processes' load adds to the wall time)."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu = [], []
     start = time.perf_counter()
     while len(times) < reps or time.perf_counter() - start < min_time_s:
         if device.type == "cuda":
@@ -69,10 +71,14 @@ def measure(fn, device: torch.device, warmup: int = 3, reps: int = 20, min_time_
             torch.cuda.synchronize(device)
             times.append(begin.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8)}
+            cpu.append((time.process_time() - c0) * 1e3)
+    result = {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8)}
+    if cpu:
+        result["cpu_ms"] = statistics.median(cpu)
+    return result
 
 
 def peak_bytes(fn, device: torch.device) -> int:

@@ -1,14 +1,20 @@
 """Inference benchmark on the CPU: per-face latency and throughput of detection, crop and model for torch eager,
 torch.compile and ONNX Runtime, with 1 and 2 threads, for the paper's model (ResNet-34 L-GRN at 256 px) and the
-demo's small one (half-width ResNet-18 at 128 px), beside dlib's 68-point shape predictor where it is installed.
+demo's small one (half-width ResNet-18 at 128 px), end to end on a photo and per video frame, beside dlib's 68-point
+shape predictor where it is installed.
 
     flock /tmp/structalign-cpu.lock .venv/bin/python benchmarks/predict.py [--reps 20] [--no-compile]
 
-The picture is scikit-image's `astronaut` (512 x 512, one face). Models are untrained (same cost as trained ones).
-"detect": the built-in Haar detector on the whole picture; "crop": one face's crop; "model b1": one face per forward;
-"model b8": eight faces per forward, per face; "end to end": predict_image on the picture (detect, crop, model, map
-back), per face. dlib: `dlib.shape_predictor` on the detected box (its model file from the face_recognition_models
-package, or the path in $DLIB_SHAPE_PREDICTOR); its detector is not timed (ours is, on the same picture).
+The picture: scikit-image's `astronaut` (its top 512 x 384, one face) enlarged to 640 x 480. Models are untrained
+(same cost as trained ones). "detect": the built-in YuNet detector on the picture (with as many threads as the row);
+"crop": one face's crop; "model b1": one face per forward; "model b8": eight faces per forward, per face; "end to
+end": predict_image on the picture (detect, crop, model, map back), per face ("Haar cascade": with OpenCV's cascade,
+benchmarks/detect.py, as the detector instead); "video, detect every K": ms per frame of predict_video on a 640 x 480
+clip of the face moving (60 frames: decode, detection on every K-th frame and the face followed from its landmarks in
+between, model, tracks, One-Euro filter; no overlay video written). dlib:
+`dlib.shape_predictor` on the detected box (its model file from the face_recognition_models package, or the path in
+$DLIB_SHAPE_PREDICTOR); its detector is not timed (ours is, on the same picture). "cpu ms/face": this process's CPU
+time (all threads), the cost of a one-thread row without the waits that other processes' load adds.
 """
 import argparse
 import os
@@ -20,12 +26,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detect import HaarCascade  # noqa: E402
 from harness import measure, print_table, write_json  # noqa: E402
 
 from structalign.export import export_onnx  # noqa: E402
 from structalign.inference.crop import crop_image, crop_matrix  # noqa: E402
+from structalign.inference.detector import YuNetFaceDetector  # noqa: E402
 from structalign.inference.onnx_predictor import OnnxPredictor  # noqa: E402
 from structalign.inference.predictor import Predictor  # noqa: E402
+from structalign.inference.video import predict_video  # noqa: E402
 from structalign.models import build_model  # noqa: E402
 
 MODELS = {  # name: build_model kwargs (configs wflw_lgrn_r34.yaml and demo.yaml)
@@ -34,6 +43,21 @@ MODELS = {  # name: build_model kwargs (configs wflw_lgrn_r34.yaml and demo.yaml
                              backbone_width=32),
 }
 BATCH = 8
+VIDEO_FRAMES, DETECT_EVERY = 60, (1, 5, 10)
+
+
+def write_clip(path: str, picture: np.ndarray) -> str:
+    """A 640 x 480 mp4 of picture's face moving: VIDEO_FRAMES frames panning right and zooming in (OpenCV)."""
+    import cv2
+
+    height, width = picture.shape[:2]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 30, (width, height))
+    for t in range(VIDEO_FRAMES):
+        zoom, shift = 1 + 0.004 * t, 2.0 * t
+        matrix = np.array([[zoom, 0, shift - (zoom - 1) * width / 2], [0, zoom, -(zoom - 1) * height / 2]])
+        writer.write(cv2.cvtColor(cv2.warpAffine(picture, matrix, (width, height)), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
 
 
 def make_checkpoint(folder: str, name: str, args: dict) -> str:
@@ -74,16 +98,18 @@ def main(argv=None) -> int:
 
     import cv2
 
-    picture = np.ascontiguousarray(data.astronaut())
+    picture = np.ascontiguousarray(cv2.resize(data.astronaut()[:384], (640, 480), interpolation=cv2.INTER_CUBIC))
     device = torch.device("cpu")
     rows = []
 
     def row(model, runtime, threads, stage, ms, faces=1):
         rows.append({"model": model, "runtime": runtime, "threads": threads, "stage": stage,
                      "ms/face": round(ms["median_ms"] / faces, 3), "p20": round(ms["p20_ms"] / faces, 3),
-                     "p80": round(ms["p80_ms"] / faces, 3), "faces/s": round(1e3 * faces / ms["median_ms"], 1)})
+                     "p80": round(ms["p80_ms"] / faces, 3), "cpu ms/face": round(ms["cpu_ms"] / faces, 3),
+                     "faces/s": round(1e3 * faces / ms["median_ms"], 1)})
 
     with tempfile.TemporaryDirectory() as folder:
+        clip = write_clip(os.path.join(folder, "clip.mp4"), picture)
         for name in args.models:
             model_args = MODELS[name]
             checkpoint = make_checkpoint(folder, name, model_args)
@@ -103,9 +129,12 @@ def main(argv=None) -> int:
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 cv2.setNumThreads(threads)
-                runtimes["onnxruntime"] = OnnxPredictor(onnx_path, threads=threads)
-                row(name, "opencv", threads, "detect", measure(lambda: eager.detector(picture), device,
-                                                               reps=args.reps))
+                detector = YuNetFaceDetector(threads=threads)
+                runtimes["onnxruntime"] = OnnxPredictor(onnx_path, threads=threads, detector=detector)
+                for predictor in runtimes.values():
+                    predictor.detector = detector
+                row(name, "onnxruntime", threads, "detect", measure(lambda: detector(picture), device,
+                                                                    reps=args.reps))
                 row(name, "PIL", threads, "crop", measure(
                     lambda: crop_image(picture, crop_matrix(box, size, eager.padding), size), device, reps=args.reps))
                 for runtime, predictor in runtimes.items():
@@ -115,6 +144,14 @@ def main(argv=None) -> int:
                                                                            reps=args.reps), BATCH)
                     row(name, runtime, threads, "end to end", measure(lambda: predictor.predict_image(picture),
                                                                       device, reps=args.reps))
+                haar = OnnxPredictor(onnx_path, threads=threads, detector=HaarCascade())
+                row(name, "onnxruntime", threads, "end to end, Haar cascade", measure(
+                    lambda: haar.predict_image(picture), device, reps=args.reps))
+                for every in DETECT_EVERY:
+                    video = OnnxPredictor(onnx_path, threads=threads, detector=detector)
+                    row(name, "onnxruntime", threads, f"video, detect every {every}", measure(
+                        lambda: predict_video(video, clip, detect_every=every), device, warmup=1,
+                        reps=max(1, args.reps // 10)), VIDEO_FRAMES)
         dlib, shape_predictor = dlib_shape_predictor()
         if dlib is None:
             print(f"dlib 68-point shape predictor: {shape_predictor}")
@@ -124,7 +161,7 @@ def main(argv=None) -> int:
             for threads in (1, 2):
                 row("dlib 68-point", "dlib", threads, "model b1", measure(lambda: shape_predictor(picture, rect),
                                                                           device, reps=args.reps))
-    print_table(rows, ["model", "runtime", "threads", "stage", "ms/face", "p20", "p80", "faces/s"])
+    print_table(rows, ["model", "runtime", "threads", "stage", "ms/face", "p20", "p80", "cpu ms/face", "faces/s"])
     if args.json:
         write_json(args.json, rows, device)
     return 0

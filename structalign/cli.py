@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from structalign import torch_requirement_error
 from structalign.errors import StructalignError
 
 # What a user can get wrong (config, paths, files, values, a run that diverged): the project's own error types,
@@ -20,19 +21,14 @@ USER_ERRORS = (StructalignError,)
 
 def _train(args) -> int:
     from structalign.engine.config import load_config
-    from structalign.engine.train import train
+    from structalign.engine.train import STOP_EXIT_CODES, train
 
     cfg = load_config(args.config, args.overrides)
-    resume = args.resume
-    if resume == "auto":  # continue the run in train.out_dir where it has a checkpoint, else start it
-        last = os.path.join(cfg.train.out_dir, "last.pt")
-        resume = last if os.path.isfile(last) else None
-        print(f"--resume auto: {'continuing from ' + last if resume else 'no ' + last + ' yet, starting the run'}")
-    result = train(cfg, resume=resume)
-    if result["best_nme"] is not None:
+    result = train(cfg, resume=args.resume)  # "auto": train.out_dir/last.pt as rank 0 finds it, else a new run
+    if result["best_nme"] is not None and result["is_main"]:
         print(f"best validation NME {result['best_nme']:.3f}% (epoch {result['best_epoch']}): "
               f"{result['best_checkpoint']}")
-    return 130 if result["interrupted"] else 0
+    return STOP_EXIT_CODES[result["interrupted"]] if result["interrupted"] else 0
 
 
 def _pct(value) -> str:
@@ -61,9 +57,10 @@ def _eval(args) -> int:
 
 def _predict(args) -> int:
     from structalign.inference.batch import predict_files
-    from structalign.inference.detector import BoxCalibration
+    from structalign.inference.detector import BoxCalibration, YuNetFaceDetector
 
-    options = dict(detector=None if args.detector == "none" else args.detector, flip_test=args.flip_test,
+    detector = None if args.detector == "none" else YuNetFaceDetector(threads=args.threads)
+    options = dict(detector=detector, flip_test=args.flip_test,
                    batch_size=args.batch_size,
                    calibration=BoxCalibration(*args.box_calibration) if args.box_calibration else None)
     if args.model.endswith(".onnx"):
@@ -76,9 +73,11 @@ def _predict(args) -> int:
         predictor = Predictor(args.model, device=args.device, weights=args.weights, **options)
     video_filter = dict(min_cutoff=args.filter_min_cutoff, beta=args.filter_beta, d_cutoff=args.filter_d_cutoff)
     report = predict_files(predictor, args.inputs, args.out, boxes_file=args.boxes, overlays=not args.no_overlays,
-                           video_filter=video_filter)
+                           video_filter=video_filter, detect_every=args.detect_every)
     print(f"{report.images} image(s) or frame(s), {report.faces} face(s); wrote "
           + (", ".join(report.written) or "nothing"))
+    if report.without_faces:  # a result, not a failure: listed, and the exit status stays 0
+        print(f"no face found in {len(report.without_faces)} image(s): " + ", ".join(report.without_faces))
     if report.failures:
         print(f"{len(report.failures)} input(s) skipped:", file=sys.stderr)
         for message in report.failures:
@@ -138,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "may be the overlay video's path (out.mp4, with out.json and out.csv beside it)")
     p.add_argument("--boxes", metavar="FILE", help="face boxes instead of detection: one line per image (folders "
                    "expanded in sorted order), `x0 y0 x1 y1` per face")
-    p.add_argument("--detector", default="haar", choices=("haar", "none"),
-                   help="face detector (default: OpenCV's Haar cascade); none = the whole image is the face box")
+    p.add_argument("--detector", default="yunet", choices=("yunet", "none"),
+                   help="face detector (default: YuNet, a CNN); none = the whole image is the face box")
     p.add_argument("--box-calibration", nargs=3, type=float, metavar=("SCALE", "SHIFT_X", "SHIFT_Y"),
                    help="detector box -> training face box (default: measured for the landmark-box convention; "
                    "see benchmarks/detector_calibration.py)")
@@ -148,12 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="faces per forward pass")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads of the face detector and of an "
+                   ".onnx model (0 = its default)")
     p.add_argument("--filter-min-cutoff", type=float, default=1.0, help="video: One-Euro cutoff at rest, Hz "
                    "(lower = smoother)")
     p.add_argument("--filter-beta", type=float, default=0.05, help="video: One-Euro speed coefficient (higher = "
                    "less lag)")
     p.add_argument("--filter-d-cutoff", type=float, default=1.0, help="video: One-Euro speed cutoff, Hz")
+    p.add_argument("--detect-every", type=int, default=5, metavar="K", help="video: detect faces on every K-th "
+                   "frame, follow them from their landmarks in between (default 5; 1 = detect on every frame)")
     p.set_defaults(run=_predict)
 
     p = sub.add_parser("export", help="export a checkpoint's model to ONNX (dynamic batch, one self-contained file)")
@@ -181,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    problem = torch_requirement_error()  # the commands (their parsers included) need torch
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

@@ -1,7 +1,7 @@
 """Landmark schemes: point count, names, left/right flip table, normalising points and relation graphs.
 
 A scheme is a YAML file (the shipped ones: structalign/schemes/{wflw98,300w68,cofw29}.yaml, from
-../shared/reference/method.md §1.2 graphs, §4.2 flip tables, §5 normalising points):
+method.md §1.2 graphs, §4.2 flip tables, §5 normalising points):
 
     name: my21                     # the scheme's name
     num_points: 21

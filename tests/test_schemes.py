@@ -1,5 +1,6 @@
 """Landmark scheme files: the shipped schemes, validation, derivations, round trips and flip proposals."""
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -14,36 +15,115 @@ from structalign.landmarks import (SCHEME_DIR, SCHEMES, WFLW98, SchemeError, knn
 from structalign.losses import laplacian_relations
 from structalign.models import build_model, message_graph
 
-# sha256 of each shipped scheme's tables, graph and relation tensors and NME on fixed data, computed with the
-# schemes as Python tuples before they became files (commit c1105d1): the files must reproduce them exactly.
-BEFORE_FILES = {
-    "wflw98": "ac9c940496ac2eea2bf391108f606be0c364dfdb6bd3f3d12fb7beddd7ba0b98",
-    "300w68": "16a0b493f083fcfca6d990f4e3d8b94911a018dea670f3205e64b64f0274a0c3",
-    "cofw29": "9946648d11eaf6441d848b03ef80cf51a77ac3643e7135a346636eed648185c3",
+
+def _mirror(first: int, last: int) -> list:
+    """A run of points that a horizontal flip reverses end to end: first <-> last, first + 1 <-> last - 1, ..."""
+    return [(first + k, last - k) for k in range((last - first + 1) // 2)]
+
+
+def _swap(left, right) -> list:
+    """Two runs of points that a horizontal flip swaps, point by point in the order given."""
+    return list(zip(left, right))
+
+
+# The mirrored points of each published layout, run by run (docs/method.md §4.2; MMPose's `swap` fields). Points in
+# no pair lie on the face's axis.
+PUBLISHED_MIRRORS = {
+    "wflw98": [*_mirror(0, 32),                                 # face contour
+               *_swap(range(33, 38), range(46, 41, -1)),        # upper brow edges
+               *_swap(range(38, 42), range(50, 46, -1)),        # lower brow edges
+               *_mirror(55, 59),                                # lower nose (51-54: the nose bridge)
+               *_swap(range(60, 68), (72, 71, 70, 69, 68, 75, 74, 73)),  # eyes, each from its outer corner
+               *_mirror(76, 82), *_mirror(83, 87),              # outer lip, upper and lower
+               *_mirror(88, 92), *_mirror(93, 95),              # inner lip, upper and lower
+               (96, 97)],                                       # pupils
+    "300w68": [*_mirror(0, 16),                                 # jaw
+               *_swap(range(17, 22), range(26, 21, -1)),        # brows (27-30: the nose bridge)
+               *_mirror(31, 35),                                # lower nose
+               *_swap(range(36, 42), (45, 44, 43, 42, 47, 46)),  # eyes, each from its outer corner
+               *_mirror(48, 54), *_mirror(55, 59),              # outer lip, upper and lower
+               *_mirror(60, 64), *_mirror(65, 67)],             # inner lip, upper and lower
+    "cofw29": [(0, 1), (2, 3), (4, 6), (5, 7),                  # brows: outer and inner ends, top, bottom
+               (8, 9), (10, 11), (12, 14), (13, 15),            # eyes: outer and inner corners, top, bottom
+               (16, 17), (18, 19), (22, 23)],                   # pupils, nose wings, mouth corners
+}
+
+# sha256 of the paper's list as each scheme file holds it (JSON of the YAML list): WFLW's relations.neighbors is
+# 98pts_top3.txt, 300W's and COFW's graph.edges are 68pts.txt and 29pts.txt (docs/method.md §1.2). The other tables
+# are derived from it, which test_graph_and_relations_are_derived_from_the_published_list checks.
+PUBLISHED_LISTS = {
+    "wflw98": (("relations", "neighbors"), "108b6ca9059cb86fbf44c34e596783145657de2d81d586c8ce6943f3da10fc5f"),
+    "300w68": (("graph", "edges"), "b62a7b799dc3d1d060b0ee7b53b855d528dfff4e4c7bb714bb51d0358d785ea7"),
+    "cofw29": (("graph", "edges"), "0a6d84b1953412a255acfa17993e2bfc1912f9aea86cc81c72a624743632fab2"),
 }
 
 
-def _fingerprint(scheme) -> str:
-    parts = [scheme.num_points, tuple(scheme.flip), scheme.ocular, scheme.pupils, tuple(scheme.edges),
-             tuple(scheme.relation_neighbors)]
-    parts += [t.tolist() for t in message_graph(scheme).tensors()]
-    parts += [t.tolist() for t in laplacian_relations(scheme).tensors(dtype=torch.float64)]
+def _shipped(name):
+    """(the shipped scheme file's YAML mapping, the scheme loaded from it)."""
+    path = os.path.join(SCHEME_DIR, f"{name}.yaml")
+    with open(path) as f:
+        return yaml.safe_load(f), load_scheme(path)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MIRRORS))
+def test_shipped_scheme_files_are_the_registered_schemes(name):
+    _, scheme = _shipped(name)
+    assert scheme == SCHEMES[name] and scheme.name == name
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MIRRORS))
+def test_flip_tables_are_the_published_layouts(name):
+    """Each flip table mirrors the published layout run by run, and maps each normaliser's two point groups onto
+    each other (the left eye's points onto the right eye's)."""
+    _, scheme = _shipped(name)
+    flip = list(range(scheme.num_points))
+    for i, j in PUBLISHED_MIRRORS[name]:
+        flip[i], flip[j] = j, i
+    assert scheme.flip == tuple(flip)
+    for groups in (scheme.ocular, scheme.pupils):
+        assert [sorted(scheme.flip[i] for i in g) for g in groups] == [sorted(g) for g in reversed(groups)]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MIRRORS))
+def test_graph_and_relations_are_derived_from_the_published_list(name):
+    """The file holds the paper's list verbatim; the other table is read from it (WFLW: the graph is each point's
+    three related points, i -> j; 300W, COFW: the relations are the graph's edges read i -> j); the message-passing
+    graph is the symmetrised edges plus self loops, and the relative-location relations are each non-empty row's
+    mean (docs/method.md §1.2, §1.5)."""
+    spec, scheme = _shipped(name)
+    (section, key), digest = PUBLISHED_LISTS[name]
+    assert hashlib.sha256(json.dumps(spec[section][key]).encode()).hexdigest() == digest
+    if section == "relations":
+        assert all(len(set(row)) == 3 and i not in row for i, row in enumerate(scheme.relation_neighbors))
+        assert scheme.edges == tuple((i, j) for i, row in enumerate(scheme.relation_neighbors) for j in row)
+    else:
+        assert scheme.relation_neighbors == tuple(tuple(j for a, j in scheme.edges if a == i)
+                                                  for i in range(scheme.num_points))
+    mask = torch.eye(scheme.num_points, dtype=torch.bool)
+    for i, j in scheme.edges:
+        mask[i, j] = mask[j, i] = True
+    assert torch.equal(message_graph(scheme).dense_mask(), mask)
+    anchor, indptr, member, weight = laplacian_relations(scheme).tensors(dtype=torch.float64)
+    rows = [row for row in scheme.relation_neighbors if row]
+    assert anchor.tolist() == [i for i, row in enumerate(scheme.relation_neighbors) if row]
+    assert [member[a:b].tolist() for a, b in zip(indptr[:-1], indptr[1:])] == [list(row) for row in rows]
+    assert weight.tolist() == [1.0 / len(row) for row in rows for _ in row]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MIRRORS))
+@pytest.mark.parametrize("norm", ["inter_ocular", "inter_pupil"])
+def test_nme_divides_by_the_distance_between_the_normaliser_groups(name, norm):
+    _, scheme = _shipped(name)
     rng = np.random.default_rng(0)
     target = rng.normal(size=(4, scheme.num_points, 2)) * 30 + 100
     pred = target + rng.normal(size=target.shape)
-    for norm in ("inter_ocular", "inter_pupil"):
-        parts.append(np.round(metrics.per_image_nme(pred, target, scheme, norm=norm), 12).tolist())
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+    first, second = scheme.ocular if norm == "inter_ocular" else scheme.pupils
+    distance = np.linalg.norm(target[:, list(first)].mean(1) - target[:, list(second)].mean(1), axis=-1)
+    expected = np.linalg.norm(pred - target, axis=-1).mean(1) / distance
+    np.testing.assert_allclose(metrics.per_image_nme(pred, target, scheme, norm=norm), expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(BEFORE_FILES))
-def test_shipped_scheme_files_reproduce_the_former_tables(name):
-    scheme = load_scheme(os.path.join(SCHEME_DIR, f"{name}.yaml"))
-    assert scheme == SCHEMES[name] and scheme.name == name
-    assert _fingerprint(scheme) == BEFORE_FILES[name]
-
-
-@pytest.mark.parametrize("name", sorted(BEFORE_FILES))
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MIRRORS))
 def test_to_dict_and_yaml_round_trip(name, tmp_path):
     scheme = SCHEMES[name]
     assert scheme_from_dict(scheme.to_dict()) == scheme

@@ -1,5 +1,6 @@
-"""The batch both pipelines yield, and the part of a loader they share: epoch plan, per-sample planning, and what
-happens when an image cannot be read during training (a file changed after the dataset was opened).
+"""The batch both pipelines yield, and the part of a loader they share: epoch plan, per-sample planning, the way to
+the device (one batch ahead, structalign/data/transfer.py), and what happens when an image cannot be read during
+training (a file changed after the dataset was opened).
 
 An unreadable image stops the run with a one-line DatasetError naming the file under on_error="raise". Under
 on_error="skip" the sample is replaced by the next dataset index (in dataset order, wrapping) whose image reads, with
@@ -7,6 +8,7 @@ the same augmentation draws, so a resumed run sees exactly what an uninterrupted
 reported once (a line on stderr, and a line in skip_log).
 """
 import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +19,7 @@ from structalign.data.augment import (CROP_PADDING, IDENTITY, AugmentConfig, cro
                                       inside_crop, plan_sample)
 from structalign.data.records import ON_ERROR, DatasetError, FaceDataset, Problem, Skipped
 from structalign.data.sampling import EpochPlan, pose_balance_repeats
+from structalign.data.transfer import DeviceTransfer, Prefetcher
 
 BALANCE = (None, "pdb")
 
@@ -59,11 +62,13 @@ class SamplePlanner:
         return plan_sample(self.ds[index], self.ds.scheme, self.size, draw, self.padding)
 
 
-class BatchSource:
+class BatchSource(ABC):
     """Shared loader state: which samples each batch holds and what is done to each of them.
 
     len(loader) = batches per epoch of this shard; loader.epoch(e, start_batch=k) yields the Batches of epoch e from
-    the k-th on, identical to those of an uninterrupted epoch.
+    the k-th on, identical to those of an uninterrupted epoch. A pipeline implements _host_epoch: its batches on the
+    host (images may already be on the device), which epoch() makes one batch ahead in a background thread and hands
+    to the device without blocking it (transfer.py).
     """
 
     def __init__(self, ds: FaceDataset, batch_size: int, train: bool, device, image_size: int = 256,
@@ -86,6 +91,10 @@ class BatchSource:
         self.on_error, self.skip_log = on_error, skip_log
         self.skipped = {}  # dataset index -> Skipped: images found unreadable by this loader (on_error="skip")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the background thread has no current device
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.transfer = DeviceTransfer(self.device)
+        self._prefetcher = None  # of the epoch being read
         self.augment = augment if train else None
         repeats = pose_balance_repeats(ds.landmarks()) if (train and balance == "pdb") else None
         self.plan = EpochPlan(len(ds), batch_size, shuffle=train, seed=seed, shard_id=shard_id,
@@ -96,6 +105,22 @@ class BatchSource:
 
     def __len__(self) -> int:
         return len(self.plan)
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        """An iterator of the Batches of epoch `epoch` from batch start_batch on, on the loader's device. Batch k+1 is
+        made while batch k is used; a later epoch() call of this loader stops this one."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+        self._prefetcher = Prefetcher(self._host_epoch(epoch, start_batch), self.transfer)
+        return self._prefetcher.batches()
+
+    @abstractmethod
+    def _host_epoch(self, epoch: int, start_batch: int):
+        """A generator of the host Batches (finish()) of epoch `epoch` from batch start_batch on; it runs in the
+        background thread, so what must happen in the caller's thread (worker processes, draws from torch's global
+        generator) happens before it is returned."""
 
     def unreadable(self, index: int, message: str) -> None:
         """The image of dataset index `index` cannot be read (message names it): DatasetError under
@@ -115,16 +140,15 @@ class BatchSource:
                 f.write(f"{item.kind.value}\t{item.where}\t{item.reason}\n")
 
     def finish(self, images: torch.Tensor, landmarks: torch.Tensor, plans: list, indices) -> Batch:
-        """A Batch from pipeline outputs (images [B, 3, S, S], landmarks [B, N, 2] on any device) and the plans."""
-        points = landmarks.cpu().numpy()
+        """A host Batch from pipeline outputs (images [B, 3, S, S] on the host or already on the loader's device,
+        landmarks [B, N, 2] on the host) and the plans; transfer.send moves it to the device."""
+        points = landmarks.numpy()
         visibility = np.stack([crop_visibility(lm, p.visibility, self.size, p.draw.occlusion)
                                for lm, p in zip(points, plans)])
         in_crop = inside_crop(points, self.size).astype(np.float32)
         matrix = np.stack([p.matrix for p in plans]).astype(np.float32)
         attributes = None
         if self.has_attributes:
-            attributes = torch.from_numpy(np.stack([self.ds[int(i)].attributes for i in indices])).to(self.device)
-        return Batch(images.to(self.device, non_blocking=True), landmarks.to(self.device),
-                     torch.from_numpy(visibility).to(self.device), torch.as_tensor(indices, dtype=torch.long,
-                                                                                    device=self.device),
-                     torch.from_numpy(matrix).to(self.device), attributes, torch.from_numpy(in_crop).to(self.device))
+            attributes = torch.from_numpy(np.stack([self.ds[int(i)].attributes for i in indices]))
+        return Batch(images, landmarks, torch.from_numpy(visibility), torch.as_tensor(indices, dtype=torch.long),
+                     torch.from_numpy(matrix), attributes, torch.from_numpy(in_crop))

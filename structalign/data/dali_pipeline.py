@@ -6,7 +6,10 @@ parameters through external sources and decodes only the region the crop can rea
 sample's matrix and moves the landmarks with the same matrix (fn.coord_transform), fills the occlusion rectangle
 (fn.erase), blends with the grey image for saturation, and normalises with brightness and contrast folded into the
 per-sample mean and std. Batches are fed and
-scheduled explicitly, `prefetch` ahead, so an epoch can start at any batch (exact resume).
+scheduled explicitly, `prefetch` ahead, so an epoch can start at any batch (exact resume). On a GPU the output is
+copied on the loader's side stream (structalign/data/transfer.py), which hands it to the training stream with an
+event; the host waits for that copy only before the next outputs() call may reuse DALI's buffer, in the loader's
+background thread.
 
 An image whose header or bytes cannot be read is found before it is fed; one DALI cannot decode fails its batch: the
 loader then decodes that batch's files with PIL to name the bad one, and (on_error="skip") rebuilds the pipeline and
@@ -99,15 +102,13 @@ class DaliLoader(BatchSource):
         super().__init__(ds, batch_size, train, device, **options)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda for the DALI pipeline, got {self.device}")
-        device_id = None
-        if self.device.type == "cuda":
-            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self.device = torch.device("cuda", device_id)
+        device_id = self.device.index if self.device.type == "cuda" else None
         fill = self.augment.fill if self.augment is not None else 127.0
         self.prefetch = prefetch
         self._pipeline_args = (batch_size, self.size, fill, device_id, num_threads, prefetch)
         self.pipe = _build_pipeline(*self._pipeline_args)
         self._in_flight = deque()  # (plans, indices) of each batch fed to DALI and not collected yet
+        self._copying = None  # (event, DALI output) of the last output copy on the GPU, until it is known complete
         self._primed = False
         self._image_sizes = {}
         self._unreadable = set()  # dataset indices whose image could not be read (on_error="skip")
@@ -184,8 +185,15 @@ class DaliLoader(BatchSource):
             self._primed = True
         self.pipe.schedule_run()
 
+    def _copied(self) -> None:
+        """Wait (host) until the last output copy is complete: DALI may then reuse or free its buffer."""
+        if self._copying is not None:
+            self._copying[0].synchronize()
+            self._copying = None
+
     def _collect(self):
         plans, indices = self._in_flight.popleft()
+        self._copied()
         try:
             images, points = self.pipe.outputs()
         except RuntimeError as e:
@@ -205,29 +213,30 @@ class DaliLoader(BatchSource):
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            out = torch.empty(images.shape(), dtype=torch.float32, device=self.device)
-            feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream(self.device))
-            # DALI may reuse the output buffer once the next outputs() releases it: finish the copy first.
-            torch.cuda.current_stream(self.device).synchronize()
+            with self.transfer.side_stream() as stream:
+                out = torch.empty(images.shape(), dtype=torch.float32, device=self.device)
+                feed_ndarray(images, out, cuda_stream=stream)
+            self._copying = (self.transfer.record(), images)
         else:
             out = torch.from_numpy(np.array(images))
         return out, torch.from_numpy(np.array(points.as_tensor())), plans, indices
 
-    def epoch(self, epoch: int, start_batch: int = 0):
-        """Yield the Batches of epoch `epoch` from batch start_batch on."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        while True:
-            try:
-                for batch in self._run(epoch, start_batch):
-                    start_batch += 1
-                    yield batch
-                return
-            except _DecodeFailure:  # the bad image is marked: a fresh pipeline, and this epoch again from here
-                del self.pipe
-                self.pipe = _build_pipeline(*self._pipeline_args)
-                self._in_flight.clear()
-                self._primed = False
+    def _host_epoch(self, epoch: int, start_batch: int):
+        try:
+            while True:
+                try:
+                    for batch in self._run(epoch, start_batch):
+                        start_batch += 1
+                        yield batch
+                    return
+                except _DecodeFailure:  # the bad image is marked: a fresh pipeline, and this epoch again from here
+                    self._copied()
+                    del self.pipe
+                    self.pipe = _build_pipeline(*self._pipeline_args)
+                    self._in_flight.clear()
+                    self._primed = False
+        finally:
+            self._copied()  # nothing reads DALI's buffers once the epoch is left
 
     def _run(self, epoch: int, start_batch: int):
         while self._in_flight and self._primed:  # runs left over by an epoch that was not read to the end

@@ -78,7 +78,9 @@ def read_300w(root: str, split: str = "train", on_error: str = "raise",
     for folder in SPLIT_FOLDERS[split]:
         directory = os.path.join(root, folder)
         if not os.path.isdir(directory):
-            raise DatasetError(f"300W folder {folder!r} of split {split!r} not found under {root}")
+            raise DatasetError(f"300W folder {folder!r} of split {split!r} not found under {root}: is data.root "
+                               f"(--data) a 300W root (lfpw/, helen/, afw/, ibug/), and data.format (--format) the "
+                               f"format of the data there?")
         for pts in sorted(glob.glob(os.path.join(directory, "*.pts"))):
             points = parse_pts(pts, problems)
             if points is None:

@@ -14,7 +14,8 @@ def make_loader(ds: FaceDataset, batch_size: int, train: bool, device, image_siz
                 augment: Optional[AugmentConfig] = None, drop_last=None, padding: float = CROP_PADDING,
                 on_error: str = "raise", skip_log: Optional[str] = None):
     """A loader of S x S (S = image_size) crops of ds: len(loader) batches per epoch on this shard, and
-    loader.epoch(e, start_batch=0) yielding structalign.data.Batch (see batches.py).
+    loader.epoch(e, start_batch=0) yielding structalign.data.Batch (see batches.py), each made in a background thread
+    while the one before is used, and on CUDA handed over without blocking the device (transfer.py).
 
     train=True: shuffled per epoch, augmented with `augment` (None = crop only), optional pose-based balancing
     (balance="pdb"), drop_last by default. train=False: dataset order, crop and normalise only; Batch.matrix maps

@@ -41,7 +41,7 @@ def augment_image(image: Image.Image, planned: PlannedSample, size: int, fill: f
     grey = np.rint(pixels @ _LUMA)[..., None]
     gain, offset = colour_gain_offset(draw)
     pixels = gain * (pixels * draw.saturation + grey * (1.0 - draw.saturation)) + offset
-    return ((pixels - _MEAN) / _STD).astype(np.float32).transpose(2, 0, 1)
+    return np.ascontiguousarray(((pixels - _MEAN) / _STD).transpose(2, 0, 1), dtype=np.float32)  # CHW in memory
 
 
 def augment_landmarks(planned: PlannedSample) -> np.ndarray:
@@ -112,15 +112,18 @@ class ReferenceLoader(BatchSource):
         self.loader = torch.utils.data.DataLoader(
             _Samples(self.planned, fill, self.on_error), batch_sampler=self.sampler, num_workers=num_threads,
             collate_fn=_collate,
-            # Not persistent: persistent workers measured a 5 s hang per worker when the loader was deleted.
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            # Not persistent: persistent workers measured a 5 s hang per worker when the loader was deleted. Not
+            # pinned here: the batch is pinned on its way to the device (transfer.py).
+            persistent_workers=False)
 
-    def epoch(self, epoch: int, start_batch: int = 0):
-        """Yield the Batches of epoch `epoch` from batch start_batch on."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+    def _host_epoch(self, epoch: int, start_batch: int):
         self.sampler.select(epoch, start_batch)
-        for images, landmarks, keys, failures in self.loader:
+        # Started in the caller's thread: the workers fork from it, and the DataLoader's seed is drawn from torch's
+        # global generator at a fixed point of the caller's work (from the background thread it could land anywhere).
+        return self._batches(iter(self.loader))
+
+    def _batches(self, samples):
+        for images, landmarks, keys, failures in samples:
             for index, message in failures:
                 self.unreadable(index, message)
             if images is None:

@@ -62,7 +62,8 @@ class EpochPlan:
         self.num_batches = size // batch_size if drop_last else -(-size // batch_size)
         if self.num_batches == 0:
             raise DatasetError(f"shard {shard_id}/{num_shards} gets {size} of {total} samples: not one batch of "
-                             f"{batch_size}{' with drop_last' if drop_last else ''}")
+                               f"{batch_size}" + (f" with drop_last: train.batch_size (per process) must be at most "
+                                                  f"{size}" if drop_last else ""))
 
     def __len__(self) -> int:
         return self.num_batches

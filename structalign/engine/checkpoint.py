@@ -10,7 +10,9 @@ A checkpoint is a dict of tensors and plain Python values:
 import glob
 import math
 import os
+import pickle
 import random
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -87,6 +89,12 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # the weights_only unpickler refused (torch's text invites unsafe loading)
+        code = re.search(r"GLOBAL (\S+)", str(exc))
+        why = (f": refused, as loading it would import {code[1]}; checkpoints are loaded as tensors and plain values "
+               f"only, never by running code from a file" if code else
+               " (corrupt or not a structalign checkpoint): it holds something other than tensors and plain values")
+        raise CheckpointError(f"checkpoint {path!r} cannot be read{why}") from None
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path!r} cannot be read (corrupt or not a structalign checkpoint): "
                               f"{exc}") from None

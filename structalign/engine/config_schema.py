@@ -51,7 +51,7 @@ class DataConfig(Section):
     train_split: str = "train"
     test_split: str = "test"
     val_fraction: Float = Field(0.05, ge=0, lt=1)  # carved from the train split; the test split never selects models
-    image_size: Int = Field(256, gt=0)
+    image_size: Int = Field(256, ge=32)  # crop side in pixels: the backbone has stride 32
     loader: Literal["dali", "reference"] = "dali"
     num_threads: Int = Field(2, ge=0)  # loader worker threads/processes (reference: 0 = in the training process)
     balance: Literal[None, "pdb"] = None  # pdb: pose-based data balancing
@@ -114,8 +114,9 @@ class LossConfig(Section):
 
 class OptimConfig(Section):
     name: Literal["sgd", "adam", "adamw", "lamb"] = "sgd"
-    lr: Float = Field(0.01, gt=0)  # at base_batch_size; scaled linearly by the global batch
+    lr: Float = Field(0.01, gt=0)  # at base_batch_size; scaled with the global batch by lr_scaling
     base_batch_size: Int = Field(64, gt=0)
+    lr_scaling: Literal["linear", "sqrt"] = "linear"  # lr * (global batch / base_batch_size) ** (1 or 1/2)
     momentum: Float = Field(0.9, ge=0)
     betas: tuple[Float, Float] = (0.9, 0.999)
     weight_decay: Float = Field(5e-4, ge=0)
@@ -148,6 +149,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast, fp16 with a GradScaler; CUDA only
     sync_bn: StrictBool = False  # SyncBatchNorm under DDP (CUDA only)
+    ddp_bucket_mb: Float = Field(25.0, gt=0)  # DDP gradient bucket size in MiB (bucket_cap_mb; torch's default 25)
     ema_decay: Float = Field(0.0, ge=0, lt=1)  # 0 = no EMA of the weights
     channels_last: StrictBool = False  # NHWC weights and activations: the layout of cuDNN's fastest tensor-core kernels
     cudnn_benchmark: StrictBool = False  # cuDNN times its algorithms once per input shape (training shapes are fixed)
@@ -155,6 +157,8 @@ class TrainConfig(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
     progress: StrictBool = True  # tqdm progress bar on the main rank (when stderr is a terminal)
     tensorboard: StrictBool = True  # TensorBoard scalars beside log.jsonl (torch.utils.tensorboard)
+    dist_timeout_s: Float = Field(300.0, gt=0)  # DDP: the longest wait for the other ranks (rendezvous, collectives)
+    preempt_grace_s: Float = Field(25.0, gt=0)  # SIGTERM/Ctrl-C: save at a sync point within this, else exit unsaved
 
 
 class Config(Section):

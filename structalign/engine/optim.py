@@ -1,4 +1,4 @@
-"""Optimisers (SGD, Adam, AdamW, LAMB), the learning-rate schedule and linear LR scaling by the global batch.
+"""Optimisers (SGD, Adam, AdamW, LAMB), the learning-rate schedule and LR scaling by the global batch.
 
 The schedule is a pure function of the optimiser step (warm-up, then multi-step, cosine or constant), wrapped in a
 LambdaLR so that its position is saved and restored with the checkpoint.
@@ -62,8 +62,10 @@ class LAMB(torch.optim.Optimizer):
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """Linear scaling rule: lr * global_batch / base_batch_size (Goyal et al. 2017)."""
-    return cfg.lr * global_batch / cfg.base_batch_size
+    """cfg.lr at the global batch: lr * global_batch / base_batch_size (cfg.lr_scaling="linear", Goyal et al. 2017)
+    or lr * sqrt(global_batch / base_batch_size) ("sqrt", You et al. 2020 for LAMB)."""
+    ratio = global_batch / cfg.base_batch_size
+    return cfg.lr * (ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

@@ -13,13 +13,15 @@ continues with exactly the losses the uninterrupted run would have had.
 The step never waits for the device. Its losses stay on the device and are read at sync points only: every
 train.log_every steps, at the end of an epoch and before a mid-epoch save. There a non-finite loss stops the run naming
 the first bad step (the last checkpoint, written before it, is kept), and an interrupt (Ctrl-C, SIGTERM) on any rank is
-exchanged between the ranks (a single process stops after the current step).
+exchanged between the ranks (a single process stops after the current step); the ranks agree at each sync point on the
+next one, at most half of train.preempt_grace_s away at the measured step time.
 """
 import json
 import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -33,7 +35,8 @@ from tqdm import tqdm
 from structalign.data import make_loader, open_dataset, split_validation
 from structalign.engine.checkpoint import TrainState, architecture, load_checkpoint, remove_stale_temporaries
 from structalign.engine.config import Config, ConfigError, check_data_root
-from structalign.engine.distributed import all_reduce_sum, setup_distributed, teardown_distributed
+from structalign.engine.distributed import (all_reduce_sum, broadcast_buffers, from_main, lost_contact,
+                                            setup_distributed, teardown_distributed)
 from structalign.engine.ema import EMA
 from structalign.engine.evaluate import evaluate
 from structalign.engine.finetune import init_from_checkpoint
@@ -43,11 +46,15 @@ from structalign.errors import StructalignError
 from structalign.landmarks import LandmarkScheme, resolve_scheme
 from structalign.losses import build_criterion, visibility_loss
 from structalign.models import build_model
+from structalign.models.lgrn import sync_graph_batch_norms
 
 # Settings the data position of a checkpoint depends on (batches per epoch, sample order, validation split).
 RESUME_FIXED = ("train.batch_size", "train.accumulate", "train.seed", "data.val_fraction")
 LOSS_PARTS = ("loss", "absolute", "relative", "visibility")  # what a step logs (visibility: its unweighted BCE)
 ROW = len(LOSS_PARTS) + 1  # per step, read at sync points: the loss parts and the number of finite batches
+# Exit status of a run stopped by a signal (the CLI's, and a rank's whose grace period ran out): 130 for Ctrl-C as a
+# shell reports it, 75 (EX_TEMPFAIL) for SIGTERM, a preemption: requeue the same command with --resume auto.
+STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 75}
 
 
 class NonFiniteLossError(StructalignError, FloatingPointError):
@@ -136,24 +143,44 @@ def keep_log_until(path: str, step: int) -> None:
 
 
 def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> dict:
-    """Train as cfg says; on_step(step) is called after every optimiser step (tests use it); loader: a
-    structalign.data loader to train on instead of the one cfg.data describes (benchmarks feed synthetic batches).
+    """Train as cfg says; resume: a checkpoint, or "auto" (train.out_dir/last.pt where rank 0 finds it, else a new
+    run); on_step(step) is called after every optimiser step (tests use it); loader: a structalign.data loader to train
+    on instead of the one cfg.data describes (benchmarks feed synthetic batches). A rank that loses the others raises
+    DistributedError (one line).
 
     Returns {"model": the trained unwrapped module, "ema": its EMA copy or None, "losses": per-step global mean
     loss, "steps", "epoch", "interrupted", "best_nme", "best_epoch", "last_checkpoint", "best_checkpoint",
-    "images_per_s", "data_wait_share", "val": per-evaluation summaries}.
+    "images_per_s", "data_wait_share", "val": per-evaluation summaries, "is_main": whether this process is rank 0};
+    "interrupted" is the name of the signal that stopped the run (SIGTERM where any rank had one), or None.
     """
+    try:
+        return _run(cfg, resume, on_step, loader)
+    except RuntimeError as exc:  # a collective that failed or timed out; anything else keeps its traceback
+        lost = lost_contact(exc)
+        if lost is None:
+            raise
+        raise lost from None
+
+
+def _run(cfg: Config, resume: str | None, on_step, loader) -> dict:
+    """The body of train()."""
     # -- checks before any work -------------------------------------------------------------------------------------
     check_data_root(cfg)
-    if resume is not None and not os.path.isfile(resume):
+    if resume not in (None, "auto") and not os.path.isfile(resume):
         raise ConfigError(f"--resume: checkpoint {resume!r} does not exist")
     if cfg.model.init_from is not None and not os.path.isfile(cfg.model.init_from):
         raise ConfigError(f"model.init_from: checkpoint {cfg.model.init_from!r} does not exist")
     tc = cfg.train
     if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         raise ConfigError(f"train.out_dir: {tc.out_dir!r} exists and is not a directory")
-    env = setup_distributed(tc.device)
+    env = setup_distributed(tc.device, tc.dist_timeout_s)
     device, main = env.device, env.is_main
+    if resume == "auto":  # rank 0 decides, so that every rank continues from the same checkpoint
+        last = os.path.join(tc.out_dir, "last.pt")
+        resume = from_main(last if os.path.isfile(last) else None, env)
+        if main:
+            print(f"--resume auto: {'continuing from ' + last if resume else 'no ' + last + ' yet, starting the run'}",
+                  flush=True)
     torch.manual_seed(tc.seed + env.rank)
     np.random.seed(tc.seed + env.rank)
     random.seed(tc.seed + env.rank)
@@ -182,6 +209,10 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
     # -- model, loss, optimiser, state ------------------------------------------------------------------------------
     args = model_args(cfg, scheme)
     saved = load_checkpoint(resume, map_location=device) if resume is not None else None
+    if saved is not None and env.distributed:  # the same file on every rank: one train.out_dir that all nodes share
+        if all_reduce_sum(torch.tensor([saved["step"]], device=device), env).item() != saved["step"] * env.world_size:
+            raise ConfigError(f"--resume {resume}: rank {env.rank} reads step {saved['step']} there and another rank a "
+                              f"different step; train.out_dir must be one folder that every node shares")
     warnings = check_resume(saved, cfg, args, env.world_size, resume) if saved is not None else []
     init_shape = None
     if cfg.model.init_mean_shape and saved is None:
@@ -193,8 +224,9 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
         raise ConfigError(f"model: {exc}") from None
     transfer = init_from_checkpoint(raw_model, cfg.model.init_from) if cfg.model.init_from and saved is None else None
     raw_model = raw_model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.preserve_format)
-    if env.distributed and tc.sync_bn and device.type == "cuda":  # SyncBatchNorm refuses CPU modules
-        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    if env.distributed and tc.sync_bn:  # nn.SyncBatchNorm refuses CPU modules: there only the graph layers sync
+        to_sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm if device.type == "cuda" else sync_graph_batch_norms
+        raw_model = to_sync(raw_model)
     # NaN targets are caught on the device by the loop below, not by a host sync in the criterion.
     criterion = build_criterion(cfg.loss.name, relative=cfg.loss.relative, relative_weight=cfg.loss.relative_weight,
                                 scheme=scheme, check_targets=False, **cfg.loss.params.model_dump()).to(device)
@@ -210,10 +242,16 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
     state = TrainState(raw_model, ema, optimizer, scheduler, scaler, model_args=args, config=cfg.to_dict())
     if saved is not None:
         state.load_state_dict(saved, env.rank, env.world_size)
-    model = torch.compile(raw_model, fullgraph=True, mode=tc.compile_mode) if tc.compile else raw_model
+    # DDP first, then compile (torch's documented order): DDPOptimizer splits the compiled graph at DDP's buckets, so
+    # their all-reduces overlap the compiled backward.
+    model = raw_model
     if env.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
+                    gradient_as_bucket_view=True, bucket_cap_mb=tc.ddp_bucket_mb)
+    if tc.compile:
+        raw_model.cache_graph_tensors(device)
+        # Under DDP the reducer's hooks run between the compiled graphs: one full graph only without it.
+        model = torch.compile(model, fullgraph=not env.distributed, mode=tc.compile_mode)
 
     # -- the run folder: written only now that every check has passed ------------------------------------------------
     last_path, best_path = os.path.join(tc.out_dir, "last.pt"), os.path.join(tc.out_dir, "best.pt")
@@ -250,15 +288,32 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
               f"{env.world_size} process(es) on {device}, global batch {global_batch}, "
               f"lr {scaled_lr(cfg.optim, global_batch):.4g}, {steps_per_epoch} steps/epoch", flush=True)
 
-    # Ctrl-C (or SIGTERM from a scheduler): stop at the next sync point, save, exit cleanly; a second one aborts.
-    interrupt = {"requested": False}
+    if ema is not None and env.distributed and saved is None:  # each rank's EMA copied its own initial weights: start
+        ema.module.load_state_dict(raw_model.state_dict())      # all from rank 0's, which DDP broadcast (as a resume does)
+
+    # Ctrl-C, or SIGTERM (a scheduler's preemption, which torchrun forwards): the ranks stop together at the next sync
+    # point and save; within train.preempt_grace_s in any case (else the process exits without a new checkpoint). A
+    # second Ctrl-C aborts; a repeated SIGTERM (a scheduler may signal torchrun and its workers alike) changes nothing.
+    interrupt = {"signal": 0}
+
+    def out_of_grace():
+        name = signal.Signals(interrupt["signal"]).name
+        print(f"rank {env.rank}: no sync point within train.preempt_grace_s={tc.preempt_grace_s:g} s of {name}: exiting "
+              f"without a new checkpoint", file=sys.stderr, flush=True)
+        os._exit(STOP_EXIT_CODES[name])
+
+    grace = threading.Timer(tc.preempt_grace_s, out_of_grace)
+    grace.daemon = True
 
     def on_interrupt(signum, frame):
-        if interrupt["requested"]:
-            raise KeyboardInterrupt
-        interrupt["requested"] = True
+        if interrupt["signal"]:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        interrupt["signal"] = signum
+        grace.start()
         print(f"\ninterrupt ({signal.Signals(signum).name}, rank {env.rank}): saving a checkpoint at the next "
-              f"{'log step' if env.distributed else 'step'} (Ctrl-C again to abort)", flush=True)
+              f"{'sync point' if env.distributed else 'step'} (Ctrl-C again to abort)", flush=True)
 
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous_handlers = {sig: signal.signal(sig, on_interrupt) for sig in handled}
@@ -272,6 +327,7 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
     losses, history = [], []
     clock = {"last": time.perf_counter(), "images": 0, "wait": 0.0}  # since the last sync point (or save)
     intervals = []  # (images, seconds, seconds waiting for data) between sync points
+    due = {"step": tc.log_every}  # the next sync point at the latest
 
     def diverged(what: str) -> NonFiniteLossError:
         good = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else \
@@ -280,9 +336,10 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
 
     def sync_point() -> list:
         """All-reduce and read the losses of the steps since the last sync point, log them, stop on a non-finite
-        loss or a non-finite batch; returns the ranks that were interrupted."""
-        flags = torch.zeros(env.world_size, device=device)
-        flags[env.rank] = float(interrupt["requested"])
+        loss or a non-finite batch; returns {rank: signal number} of the ranks that were interrupted."""
+        flags = torch.zeros(env.world_size + 1, device=device)
+        flags[env.rank] = float(interrupt["signal"])
+        flags[-1] = time.perf_counter() - clock["last"]  # this rank's seconds since the last sync point
         packed = all_reduce_sum(torch.cat([torch.stack(pending).flatten(), flags]), env)
         values = packed.tolist()  # the host sync
         rows = [values[ROW * i:ROW * i + ROW] for i in range(len(pending))]
@@ -318,9 +375,12 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
             tqdm.write(f"epoch {record['epoch']} step {state.step}/{bar.total} loss {mean['loss']:.4f} (abs "
                        f"{mean['absolute']:.4f} rel {mean['relative']:.4f} vis {mean['visibility']:.4f}) lr {lr:.3g} "
                        f"{speed:.1f} img/s, data wait {100 * wait:.0f} %")
+        # Half the grace period on at the measured step time: the same on every rank (computed from summed values).
+        step_s = values[-1] / env.world_size / len(rows)
+        due["step"] = state.step + max(1, min(tc.log_every, int(tc.preempt_grace_s / 2 / step_s)))
         pending.clear()
         positions.clear()
-        return [rank for rank, flag in enumerate(values[ROW * len(rows):]) if flag]
+        return {rank: int(flag) for rank, flag in enumerate(values[ROW * len(rows):-1]) if flag}
 
     def save(path: str, epoch: int, batch: int) -> None:
         # A finite loss may still have produced non-finite weights in its update: never save those.
@@ -332,7 +392,7 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
         clock["last"] = time.perf_counter()
 
     # -- the loop ---------------------------------------------------------------------------------------------------
-    interrupted, epoch = False, state.epoch
+    interrupted, epoch, completed = 0, state.epoch, False  # interrupted: the signal that stopped the run
     start_epoch, start_batch = state.epoch, state.batch
     try:
         for epoch in range(start_epoch, tc.epochs):
@@ -382,13 +442,13 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
                 bar.update()
 
                 save_now = tc.save_every and state.step % tc.save_every == 0 and batch_idx < batches_per_epoch
-                if (state.step % tc.log_every == 0 or batch_idx == batches_per_epoch or save_now
-                        or (interrupt["requested"] and not env.distributed)):
-                    stopped_ranks = sync_point()
-                    if stopped_ranks:
-                        interrupted = True
+                if (state.step % tc.log_every == 0 or state.step >= due["step"] or batch_idx == batches_per_epoch
+                        or save_now or (interrupt["signal"] and not env.distributed)):
+                    stopped = sync_point()
+                    if stopped:
+                        interrupted = max(stopped.values())
                         if main:
-                            print(f"interrupt received on rank(s) {stopped_ranks} of {env.world_size}: saving a "
+                            print(f"interrupt received on rank(s) {sorted(stopped)} of {env.world_size}: saving a "
                                   f"checkpoint at step {state.step} and stopping", flush=True)
                 if on_step is not None:
                     on_step(state.step)
@@ -402,7 +462,9 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
 
             # -- end of epoch: validation, best and last checkpoints --------------------------------------------
             if val_loader is not None and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs):
-                result = evaluate(ema.module if ema else raw_model, val_loader, val_ds, env, autocast)
+                evaluated = ema.module if ema else raw_model
+                broadcast_buffers(evaluated, env)  # every rank evaluates the model rank 0 saves
+                result = evaluate(evaluated, val_loader, val_ds, env, autocast)
                 summary = {"epoch": epoch, "step": state.step,
                            **{f"val_{k}": v for k, v in result.summary().items()}}
                 history.append(summary)
@@ -425,6 +487,7 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
             save(last_path, epoch + 1, 0)
             if interrupted:
                 break
+        completed = True
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
@@ -436,14 +499,17 @@ def train(cfg: Config, resume: str | None = None, on_step=None, loader=None) -> 
         # Drop DDP's reducer while the process group is still registered: the reducer may hold the group's last
         # reference, and ~ProcessGroupGloo joins threads that need the GIL this thread holds (seen to deadlock).
         model = None
-        teardown_distributed(env)
+        teardown_distributed(env, synchronise=completed)  # after a failure the other ranks may be gone
+        grace.cancel()
     if main and interrupted:
-        print(f"interrupted at step {state.step}; resume with --resume {last_path}", flush=True)
+        name = signal.Signals(interrupted).name
+        print(f"interrupted ({name}) at step {state.step}; resume with --resume {last_path} or --resume auto (exit "
+              f"status {STOP_EXIT_CODES[name]})", flush=True)
     timed = intervals[1:] or intervals  # the first interval pays for warm-up (allocations, compilation)
     timed_s = sum(t[1] for t in timed)
     return {"model": raw_model, "ema": ema.module if ema else None, "losses": losses, "steps": state.step,
-            "epoch": epoch, "interrupted": interrupted,
+            "epoch": epoch, "interrupted": signal.Signals(interrupted).name if interrupted else None,
             "best_nme": state.best_nme if state.best_epoch is not None else None, "best_epoch": state.best_epoch,
             "last_checkpoint": last_path, "best_checkpoint": best_path if state.best_epoch is not None else None,
             "images_per_s": sum(t[0] for t in timed) / timed_s if timed else None,
-            "data_wait_share": sum(t[2] for t in timed) / timed_s if timed else None, "val": history}
+            "data_wait_share": sum(t[2] for t in timed) / timed_s if timed else None, "val": history, "is_main": main}

@@ -2,10 +2,12 @@
 
     Predictor(CKPT)              the PyTorch model of a checkpoint       (structalign/inference/predictor.py)
     OnnxPredictor(model.onnx)    the exported graph in ONNX Runtime, no torch import (onnx_predictor.py)
-    HaarFaceDetector()           OpenCV's frontal-face cascade, calibrated to dataset face boxes (detector.py)
-    predict_video(...)           frame by frame, One-Euro filtered, overlay video + per-frame JSON/CSV (video.py)
+    YuNetFaceDetector()          the YuNet CNN face detector in ONNX Runtime, calibrated to dataset boxes (detector.py)
+    predict_video(...)           detection every k frames, faces followed and One-Euro filtered, overlay video +
+                                 per-frame JSON/CSV (video.py)
 
-Everything here except predictor.py imports numpy, PIL and OpenCV only, so the ONNX path runs without torch.
+Everything here except predictor.py imports numpy, PIL, OpenCV and ONNX (Runtime) only, so the ONNX path runs without
+torch.
 """
 
 

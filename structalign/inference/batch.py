@@ -1,5 +1,5 @@
 """A batch run of `structalign predict`: images, folders and videos to JSON, CSV and overlays, going on past a bad
-input and listing it at the end.
+input and listing it at the end. An image without a face is a result (listed, with no faces), not a failure.
 
     structalign predict runs/demo/best.pt photos/ clip.mp4 --out predictions
 """
@@ -17,12 +17,14 @@ from structalign.inference.video import predict_video
 
 @dataclass
 class BatchReport:
-    """What a run wrote and what it could not do: failures as one-line messages that start with the input."""
+    """What a run wrote and what it could not do: failures as one-line messages that start with the input;
+    without_faces: the images in which no face was found."""
 
     images: int = 0
     faces: int = 0
     written: list = field(default_factory=list)
     failures: list = field(default_factory=list)
+    without_faces: list = field(default_factory=list)
 
 
 def read_boxes(path: str, count: int) -> list:
@@ -49,9 +51,10 @@ def read_boxes(path: str, count: int) -> list:
 
 
 def predict_files(predictor, inputs: list, out: str, boxes_file=None, overlays: bool = True,
-                  video_filter: dict | None = None) -> BatchReport:
+                  video_filter: dict | None = None, detect_every: int = 5) -> BatchReport:
     """Run predictor over image files, folders and videos; write under out (a folder; or, for a single video input,
-    out may be the overlay video's path). Returns the BatchReport."""
+    out may be the overlay video's path). detect_every: video frames between two detections (predict_video).
+    Returns the BatchReport."""
     report = BatchReport()
     videos = [p for p in inputs if is_video(p)]
     if out.lower().endswith(VIDEO_EXTENSIONS) and (len(videos) != 1 or len(inputs) != 1):
@@ -75,8 +78,8 @@ def predict_files(predictor, inputs: list, out: str, boxes_file=None, overlays: 
     for video in videos:
         stem = os.path.splitext(out)[0] if single_video_out else os.path.join(
             out_dir, os.path.splitext(os.path.basename(video))[0] + "_landmarks")
-        _predict_video(predictor, video, stem, out if single_video_out else stem + ".mp4", video_filter or {},
-                       report)
+        _predict_video(predictor, video, stem, out if single_video_out else stem + ".mp4",
+                       {**(video_filter or {}), "detect_every": detect_every}, report)
     return report
 
 
@@ -89,6 +92,8 @@ def _predict_images(predictor, images: list, out_dir: str, boxes_file, overlays:
             continue
         report.images += 1
         report.faces += len(result.faces)
+        if not result.faces:
+            report.without_faces.append(result.source)
         if overlays:
             stem = os.path.splitext(os.path.basename(result.source))[0]
             path = os.path.join(out_dir, f"{i:04d}_{stem}.png")
@@ -98,9 +103,9 @@ def _predict_images(predictor, images: list, out_dir: str, boxes_file, overlays:
                                  predictor.has_visibility)]
 
 
-def _predict_video(predictor, video: str, stem: str, out_video: str, video_filter: dict, report: BatchReport):
+def _predict_video(predictor, video: str, stem: str, out_video: str, options: dict, report: BatchReport):
     try:
-        frames = predict_video(predictor, video, out_video, **video_filter)
+        frames = predict_video(predictor, video, out_video, **options)
     except StructalignError as exc:
         report.failures.append(str(exc))
         return

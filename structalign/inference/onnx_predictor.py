@@ -40,7 +40,7 @@ class OnnxPredictor(LandmarkPipeline):
     Runtime intra-op threads (0 = its default); providers: ONNX Runtime execution providers (default CPU).
     """
 
-    def __init__(self, path: str, detector="haar", flip_test: bool = False, batch_size: int = 32, threads: int = 0,
+    def __init__(self, path: str, detector="yunet", flip_test: bool = False, batch_size: int = 32, threads: int = 0,
                  providers=("CPUExecutionProvider",), calibration=None):
         import onnxruntime as ort
 

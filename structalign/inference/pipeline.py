@@ -19,10 +19,6 @@ from structalign.inference.sources import image_sources
 from structalign.landmarks import LandmarkScheme, resolve_scheme
 
 
-class NoFaceError(InputError):
-    """The detector found no face in an image."""
-
-
 class FlipTestError(InputError):
     """--flip-test asked of a model whose landmark scheme has no usable flip permutation."""
 
@@ -180,14 +176,12 @@ class LandmarkPipeline(ABC):
         elif self.detector is None:  # pixel centres at integers: the image spans [-0.5, size - 0.5]
             face_boxes = crop_boxes = np.array([[-0.5, -0.5, width - 0.5, height - 0.5]])
             scores = [None]
-        else:
+        else:  # no face found is a result: the image's ImageLandmarks lists no faces
             face_boxes, scores = detect(self.detector, rgb, name)
-            if not len(face_boxes):
-                raise NoFaceError(f"{name}: no face found")
             crop_boxes, scores = self.calibration(face_boxes), [float(s) for s in scores]
         size = self.image_size
-        matrices = np.stack([crop_matrix(box, size, self.padding) for box in crop_boxes])
-        crops = np.stack([crop_image(rgb, m, size) for m in matrices])
+        matrices = np.array([crop_matrix(box, size, self.padding) for box in crop_boxes]).reshape(-1, 2, 3)
+        crops = np.array([crop_image(rgb, m, size) for m in matrices], np.uint8).reshape(-1, size, size, 3)
         return _Prepared(name, (width, height), face_boxes, scores, matrices, crops)
 
     def _finish(self, prepared: list) -> list:
@@ -218,6 +212,8 @@ class LandmarkPipeline(ABC):
         """_forward over crops in chunks of batch_size: (landmarks float32[B, N, 2], P(visible) float32[B, N] or
         None)."""
         chunks = [self._forward(crops[i:i + self.batch_size]) for i in range(0, len(crops), self.batch_size)]
+        if not chunks:  # images without faces only
+            return np.zeros((0, self.num_points, 2), np.float32), None
         points = np.concatenate([c[0] for c in chunks])
         visibility = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
         return points, visibility

@@ -35,14 +35,14 @@ class Predictor(LandmarkPipeline):
     """A checkpoint's model ready for inference.
 
     checkpoint: path of a structalign checkpoint; device "auto" (CUDA where present), "cpu" or "cuda"; weights "ema"
-    (where the run kept an EMA) or "model"; detector: "haar" (built-in), None (whole image = face box) or a callable
+    (where the run kept an EMA) or "model"; detector: "yunet" (built-in), None (whole image = face box) or a callable
     rgb -> (boxes, scores) (see structalign/inference/detector.py); calibration: detector box -> face box (default:
     the detector's own); flip_test: average with the prediction on the mirrored crop; batch_size: faces per forward.
     Faces carry visibility = sigmoid(the model's visibility logits), P(landmark visible) per point; None for a model
     without a visibility head (checkpoints from before it existed load that way).
     """
 
-    def __init__(self, checkpoint: str, device: str = "auto", weights: str = "ema", detector="haar",
+    def __init__(self, checkpoint: str, device: str = "auto", weights: str = "ema", detector="yunet",
                  flip_test: bool = False, batch_size: int = 32, calibration=None):
         if device not in ("auto", "cpu", "cuda"):
             raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")

@@ -1,7 +1,8 @@
-"""Landmarks on a video: frame-by-frame detection and prediction, faces followed across frames, a One-Euro filter
-per face against jitter, an overlay video and per-frame results (OpenCV VideoCapture / VideoWriter).
+"""Landmarks on a video: face detection every k frames, each face followed in between from its own landmarks, faces
+matched across frames by box overlap, a One-Euro filter per face against jitter, an overlay video and per-frame
+results (OpenCV VideoCapture / VideoWriter).
 
-    structalign predict CKPT clip.mp4 --out clip_landmarks.mp4 [--filter-min-cutoff 1 --filter-beta 0.05]
+    structalign predict CKPT clip.mp4 --out clip_landmarks.mp4 [--detect-every 5] [--filter-min-cutoff 1 ...]
     .venv/bin/python -m pytest -q tests/inference/test_video.py
 """
 import os
@@ -12,8 +13,9 @@ import cv2
 import numpy as np
 
 from structalign.errors import InputError, MissingFileError
+from structalign.inference.detector import box_iou
 from structalign.inference.outputs import draw_faces
-from structalign.inference.pipeline import FaceLandmarks, ImageLandmarks, NoFaceError
+from structalign.inference.pipeline import FaceLandmarks, ImageLandmarks
 
 
 class UnreadableVideoError(InputError):
@@ -65,15 +67,6 @@ class TrackedFace(FaceLandmarks):
     track: int = 0
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over union (float64[K, M]) of boxes a (float[K, 4]) and b (float[M, 4])."""
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 class FaceTracks:
     """Faces followed across frames by box overlap (greedy, IoU >= min_iou), each track with its own filter;
     a track not seen in a frame ends (a face that comes back starts a new one)."""
@@ -109,10 +102,61 @@ class FaceTracks:
         return tracked
 
 
+def _centre(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, :2] + boxes[:, 2:]) / 2
+
+
+class FollowedFaces:
+    """Faces between two detections, each followed from its own landmarks (no detector run).
+
+    At a detection frame each face's detector box D and the tight box L of its landmarks are kept; on a later frame
+    the face's box is D under the similarity (shift and scale) that takes L to the tight box of its latest landmarks.
+    The box stays in the detector's convention, so it goes through the predictor's calibration as a detection does.
+    """
+
+    def __init__(self):
+        self.detected = self.reference = self.latest = np.zeros((0, 4))
+
+    @staticmethod
+    def _landmark_boxes(faces: list) -> np.ndarray:
+        points = [np.asarray(f.landmarks, np.float64) for f in faces]
+        return np.array([np.concatenate([p.min(axis=0), p.max(axis=0)]) for p in points]).reshape(-1, 4)
+
+    def start(self, faces: list) -> None:
+        """A detection frame's faces (FaceLandmarks, detector boxes)."""
+        self.detected = np.array([f.box for f in faces], np.float64).reshape(-1, 4)
+        self.reference = self.latest = self._landmark_boxes(faces)
+
+    def boxes(self, width: int, height: int) -> np.ndarray:
+        """The followed faces' boxes (float64[K, 4]) for the next frame; faces whose box has left the width x height
+        frame are dropped."""
+        side = lambda b: np.max(b[:, 2:] - b[:, :2], axis=1, keepdims=True)  # noqa: E731
+        scale = side(self.latest) / side(self.reference)
+        centre = _centre(self.latest) + scale * (_centre(self.detected) - _centre(self.reference))
+        half = scale * (self.detected[:, 2:] - self.detected[:, :2]) / 2
+        boxes = np.concatenate([centre - half, centre + half], axis=1)
+        inside = ((boxes[:, 2] > -0.5) & (boxes[:, 3] > -0.5) & (boxes[:, 0] < width - 0.5)
+                  & (boxes[:, 1] < height - 0.5))
+        self.detected, self.reference = self.detected[inside], self.reference[inside]
+        return boxes[inside]
+
+    def moved(self, faces: list) -> None:
+        """The faces of the frame just predicted from boxes(), in the same order."""
+        self.latest = self._landmark_boxes(faces)
+
+
 def predict_video(predictor, path: str, out_video: Optional[str] = None, min_cutoff: float = 1.0,
-                  beta: float = 0.05, d_cutoff: float = 1.0, max_frames: Optional[int] = None) -> list:
+                  beta: float = 0.05, d_cutoff: float = 1.0, max_frames: Optional[int] = None,
+                  detect_every: int = 5) -> list:
     """ImageLandmarks per frame of the video at path (frame = its index, faces = TrackedFace); writes the overlay
-    video to out_video (mp4v codec for .mp4, MJPG otherwise) when given. Frames without a face have no faces."""
+    video to out_video (mp4v codec for .mp4, MJPG otherwise) when given. Frames without a face have no faces.
+
+    detect_every: the detector runs on every k-th frame, and on any frame where no face is followed; in between,
+    each face is followed from its landmarks (FollowedFaces) and has score None. 1: detect on every frame. A
+    predictor without a detector takes every whole frame as the face.
+    """
+    if not isinstance(detect_every, int) or detect_every < 1:
+        raise InputError(f"detect_every must be a positive int, got {detect_every!r}")
     if not os.path.isfile(path):
         raise MissingFileError(f"{path}: no such video")
     capture = cv2.VideoCapture(path)
@@ -120,7 +164,8 @@ def predict_video(predictor, path: str, out_video: Optional[str] = None, min_cut
         raise UnreadableVideoError(f"{path}: cannot open video (corrupt, not a video, or no frame)")
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = fps if np.isfinite(fps) and fps > 0 else 30.0
-    tracks = FaceTracks(min_cutoff, beta, d_cutoff)
+    tracks, followed = FaceTracks(min_cutoff, beta, d_cutoff), FollowedFaces()
+    follow = detect_every > 1 and predictor.detector is not None
     writer, results = None, []
     try:
         while max_frames is None or len(results) < max_frames:
@@ -128,12 +173,15 @@ def predict_video(predictor, path: str, out_video: Optional[str] = None, min_cut
             if not ok:
                 break
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            frame = len(results)
-            try:
-                found = predictor.predict_image(rgb, name=f"{path}#{frame}")
-                faces = found.faces
-            except NoFaceError:
-                faces = []
+            frame, name = len(results), f"{path}#{len(results)}"
+            boxes = followed.boxes(rgb.shape[1], rgb.shape[0]) if follow and frame % detect_every else None
+            if boxes is None or not len(boxes):
+                faces = predictor.predict_image(rgb, name=name).faces
+                followed.start(faces)
+            else:
+                found = predictor.predict_image(rgb, predictor.calibration(boxes), name=name).faces
+                faces = [FaceLandmarks(box, None, f.landmarks, f.visibility) for box, f in zip(boxes, found)]
+                followed.moved(faces)
             result = ImageLandmarks(path, (rgb.shape[1], rgb.shape[0]), tracks.update(faces, 1.0 / fps), None, frame)
             results.append(result)
             if out_video is not None:

@@ -5,7 +5,8 @@ GraphConv        SemGraphConv: out = graph_message_passing(X W_self, X W_nbr, ed
 GraphBlock       GraphConv -> BatchNorm -> ReLU (-> + residual). With `fused` (the default) a GraphConv and its block
                  run as one structalign.ops.graph_conv each: one GEMM with [W_self | W_nbr], everything after it in one
                  op (C++ backend); the reference backend computes the unfused layer. Parameters and state-dict keys
-                 are the same either way.
+                 are the same either way. A fused block's BatchNorm takes the global batch's statistics when it is
+                 an nn.SyncBatchNorm (GPUs) or after sync_graph_batch_norms (any device, CPU / gloo included).
 RelationLearner  per-image edge logits from pooled backbone features (the "dynamic" adjacency, §1.4)
 LGRNHead         input graph conv -> residual blocks of two graph convs (BN + ReLU) -> output graph conv to (x, y);
                  with visibility_gate, every edge i <- j of every conv gets s * log P(j visible) added to its logit,
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from structalign.ops import LandmarkGraph, graph_conv, graph_message_passing
-from structalign.ops.graph_conv import batch_norm_args
+from structalign.ops.graph_conv import batch_norm_args, batch_norm_group
 from structalign.ops.backend import check_op_backend
 from structalign.ops.reference import edge_softmax_reference
 
@@ -49,9 +50,12 @@ class GraphConv(nn.Module):
         check_op_backend(op_backend)
         self.in_features, self.out_features = in_features, out_features
         self.graph, self.op_backend, self.fused = graph, op_backend, fused
-        self.weight = nn.Parameter(torch.empty(2, in_features, out_features))
+        weight = torch.empty(2, in_features, out_features)
         # Fans of the [2, in, out] tensor, as SemGraphConv initialises it.
-        nn.init.xavier_uniform_(self.weight, gain=1.414)
+        nn.init.xavier_uniform_(weight, gain=1.414)
+        # Stored in [in, 2, out] memory order: the fused op's [in, 2 * out] GEMM operand is then a view, and its
+        # gradient comes back in the parameter's own strides (the layout DDP's bucket views and AccumulateGrad expect).
+        self.weight = nn.Parameter(weight.transpose(0, 1).contiguous().transpose(0, 1))
         self.edge_logits = nn.Parameter(torch.ones(graph.num_edges)) if learn_edges else None
         bound = 1.0 / math.sqrt(out_features)
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
@@ -85,7 +89,8 @@ class GraphBlock(nn.Module):
 
     forward(x (Tensor[B, N, in]), logits, edge_bias, residual (Tensor[B, N, out] or None)) -> Tensor[B, N, out].
     fused: the
-    whole block is one structalign.ops.graph_conv (same parameters, buffers and running-statistics updates).
+    whole block is one structalign.ops.graph_conv (same parameters, buffers and running-statistics updates), whose
+    BatchNorm statistics are the global batch's (batch_norm_group) for an nn.SyncBatchNorm or with sync_batch_norm.
     """
 
     def __init__(self, in_features: int, out_features: int, graph: LandmarkGraph, learn_edges: bool,
@@ -94,17 +99,29 @@ class GraphBlock(nn.Module):
         self.conv = GraphConv(in_features, out_features, graph, learn_edges, op_backend, fused)
         self.bn = nn.BatchNorm1d(out_features)
         self.relu = nn.ReLU(inplace=True)
+        self.sync_batch_norm = False  # set by sync_graph_batch_norms: statistics over all processes, on any device
 
     def forward(self, x, logits=None, edge_bias=None, residual=None):
         conv = self.conv
         if conv.fused:
             return graph_conv(x, conv.weight, conv.logits_or_own(logits, edge_bias), conv.graph, conv.bias,
-                              batch_norm_args(self.bn), relu=True, residual=residual, backend=conv.op_backend)
+                              batch_norm_args(self.bn), relu=True, residual=residual, backend=conv.op_backend,
+                              process_group=batch_norm_group(self.bn, self.sync_batch_norm))
         # BatchNorm over the [B * N, C] rows: the statistics of BatchNorm1d on [B, C, N], without the transposes
         # that would hand the graph op a gradient with channel stride N (and make it copy that gradient).
         y = conv(x, logits, edge_bias)
         out = self.relu(self.bn(y.reshape(-1, y.shape[-1])).view(y.shape))
         return out if residual is None else residual + out
+
+
+def sync_graph_batch_norms(module: nn.Module) -> nn.Module:
+    """`module` with every fused GraphBlock in it taking its BatchNorm's training statistics over all processes
+    (torch.distributed's default group), on any device: the counterpart of nn.SyncBatchNorm.convert_sync_batchnorm
+    for CPU modules, which nn.SyncBatchNorm and DDP refuse. Other BatchNorms keep their process's statistics."""
+    for block in module.modules():
+        if isinstance(block, GraphBlock) and block.conv.fused:
+            block.sync_batch_norm = True
+    return module
 
 
 class ResidualGraphBlock(nn.Module):

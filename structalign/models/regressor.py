@@ -80,6 +80,13 @@ class LandmarkRegressor(nn.Module):
             points = (points + 0.5) * points.new_tensor([w / self.image_size, h / self.image_size]) - 0.5
         return points, visibility
 
+    def cache_graph_tensors(self, device: torch.device) -> None:
+        """Copies the L-GRN head's graph indices to `device` now (LandmarkGraph's per-device cache), so that a
+        torch.compile trace finds them there instead of filling the cache inside the traced graph."""
+        if isinstance(self.head, LGRNHead):
+            self.head.graph.tensors(device)
+            self.head.graph.transposed(device)
+
     @torch.no_grad()
     def adjacency(self, images: torch.Tensor) -> torch.Tensor:
         """Neighbour weights the L-GRN head applies to each image: Tensor[B, L, N, N] (L graph convs), rows sum to 1."""

@@ -10,19 +10,32 @@ from functools import lru_cache
 
 import torch
 
+from structalign.ops.extension import build_just_in_time
+
 BACKENDS = ("auto", "reference", "cpp", "triton")
 _global_backend = os.environ.get("STRUCTALIGN_BACKEND", "auto")
 
 
 @lru_cache(maxsize=None)
 def extension_error() -> str | None:
-    """None when structalign._C loaded, else the import error as text (the ops then fall back to the reference)."""
+    """None when structalign._C is loaded, else why not, as text (the ops then fall back to the reference).
+
+    The extension is the one built with the package (`pip install --no-build-isolation`, `make ext`) or, where it was
+    installed without it (a plain `pip install -e .`), the one built on first use into a cache
+    (structalign.ops.extension)."""
     try:
         import structalign._C  # noqa: F401  (registers torch.ops.structalign.*)
+    except ModuleNotFoundError as exc:
+        if exc.name != "structalign._C":
+            raise
+        why = build_just_in_time()
     except ImportError as exc:
-        warnings.warn(f"structalign._C failed to load ({exc}); only the reference and triton backends are available")
-        return str(exc)
-    return None
+        why = f"it failed to load: {exc}"
+    else:
+        return None
+    if why is not None:
+        warnings.warn(f"structalign._C is not available ({why}); only the reference and triton backends are")
+    return why
 
 
 # Constant for torch.compile: the dispatcher queries below cannot be traced, and the answer never changes.

@@ -10,8 +10,8 @@ from structalign.data.reference_pipeline import augment_image
 from structalign.data.augment import PlannedSample, IDENTITY
 from structalign.errors import InputError, StructalignError
 from structalign.inference.crop import crop_image, crop_matrix, to_image_pixels
-from structalign.inference.detector import HAAR_CALIBRATION, BoxCalibration, HaarFaceDetector
-from structalign.inference.pipeline import FlipTestError, NoFaceError, flip_permutation, model_scheme
+from structalign.inference.detector import YUNET_CALIBRATION, BoxCalibration, YuNetFaceDetector
+from structalign.inference.pipeline import FlipTestError, flip_permutation, model_scheme
 from structalign.inference.predictor import Predictor
 from structalign.landmarks import WFLW98, placeholder_scheme
 
@@ -41,13 +41,13 @@ def test_crop_is_the_evaluation_crop(astronaut):
 
 
 def test_detector_finds_the_astronauts_face_and_the_crop_holds_it(astronaut):
-    boxes, scores = HaarFaceDetector()(astronaut)
+    boxes, scores = YuNetFaceDetector()(astronaut)
     assert boxes.shape == (1, 4) and scores.shape == (1,) and np.isfinite(scores).all()
     x0, y0, x1, y1 = boxes[0]
     fx0, fy0, fx1, fy1 = ASTRONAUT_FACE
     assert x0 < fx0 + 10 and y0 < fy0 + 10 and x1 > fx1 - 10 and y1 > fy1 - 10  # the face, not a corner of it
     assert (x1 - x0) < 2 * (fx1 - fx0)  # and not the whole torso
-    crop_box = HAAR_CALIBRATION(boxes)[0]
+    crop_box = YUNET_CALIBRATION(boxes)[0]
     side = 1.5 * max(crop_box[2] - crop_box[0], crop_box[3] - crop_box[1])
     centre = (crop_box[:2] + crop_box[2:]) / 2
     assert np.all(centre - side / 2 <= [fx0, fy0]) and np.all(centre + side / 2 >= [fx1, fy1])
@@ -137,8 +137,6 @@ def test_bad_input_is_named(predictor, astronaut, tmp_path):
     broken.write_bytes(b"not a jpeg")
     with pytest.raises(InputError, match=r"broken.jpg: cannot read image"):
         predictor.predict(str(broken))
-    with pytest.raises(NoFaceError, match=r"array\[0\]: no face found"):
-        predictor.predict(np.full((200, 200, 3), 128, np.uint8))
     with pytest.raises(InputError, match=r"lies outside the 512x512 image"):
         predictor.predict([astronaut], boxes=[[600, 10, 700, 100]])
     with pytest.raises(InputError, match=r"x1 > x0"):
@@ -147,5 +145,9 @@ def test_bad_input_is_named(predictor, astronaut, tmp_path):
         predictor.predict(astronaut.astype(np.float32))
     with pytest.raises(StructalignError, match="no such file or folder"):
         predictor.predict(str(tmp_path / "missing.png"))
-    results = predictor.predict([str(broken), astronaut], on_error="skip")  # a batch goes on past a bad image
-    assert "cannot read image" in results[0].error and results[1].error is None and len(results[1].faces) == 1
+    blank = np.full((200, 200, 3), 128, np.uint8)  # no face is a result, not an error
+    results = predictor.predict([str(broken), blank, astronaut], on_error="skip")  # a batch goes on past a bad image
+    assert "cannot read image" in results[0].error
+    assert results[1].error is None and results[1].faces == [] and results[1].size == (200, 200)
+    assert results[2].error is None and len(results[2].faces) == 1
+    assert predictor.predict(blank)[0].faces == [] and predictor.predict_image(blank).faces == []

@@ -1,5 +1,6 @@
-"""Video: the One-Euro filter, faces followed across frames, and `structalign predict clip.mp4 --out out.mp4` on a
-short video written here (overlay video + per-frame JSON/CSV), with unreadable and zero-frame videos."""
+"""Video: the One-Euro filter, faces followed across frames, detection every k frames with the faces followed from
+their landmarks in between, and `structalign predict clip.mp4 --out out.mp4` on a short video written here (overlay
+video + per-frame JSON/CSV), with unreadable and zero-frame videos."""
 import csv
 import json
 
@@ -9,7 +10,8 @@ import pytest
 from structalign.cli import main
 from structalign.errors import InputError
 from structalign.inference.pipeline import FaceLandmarks
-from structalign.inference.video import FaceTracks, OneEuroFilter
+from structalign.inference.predictor import Predictor
+from structalign.inference.video import FaceTracks, FollowedFaces, OneEuroFilter, predict_video
 
 cv2 = pytest.importorskip("cv2")
 FRAMES, FPS, SIDE = 8, 10, 256
@@ -57,6 +59,36 @@ def test_tracks_follow_faces_and_filter_each_on_its_own():
     assert 20.0 < second[0].landmarks[0, 0] < 30.0 and 0.0 < second[1].landmarks[0, 0] < 10.0
     third = tracks.update([face(400, 5.0)], 0.1)  # a face elsewhere: a new track, unfiltered
     assert third[0].track == 2 and third[0].landmarks[0, 0] == 5.0
+
+
+def test_followed_faces_move_with_their_landmarks():
+    followed = FollowedFaces()
+    points = np.array([[10, 20], [30, 20], [20, 40]], np.float32)  # landmark box 10..30 x 20..40
+    followed.start([FaceLandmarks(np.array([0.0, 10.0, 40.0, 60.0]), 0.9, points)])  # its detector box
+    np.testing.assert_allclose(followed.boxes(100, 100), [[0, 10, 40, 60]])
+    followed.moved([FaceLandmarks(np.zeros(4), None, (points - 20) * 1.5 + [60, 50])])  # moved, 1.5 x larger
+    # The detector box keeps its place and size relative to the landmark box (centre 5 px below it, 2 x its width).
+    np.testing.assert_allclose(followed.boxes(100, 100), [[30, 35, 90, 110]])
+    followed.moved([FaceLandmarks(np.zeros(4), None, points + [200, 0])])
+    assert followed.boxes(100, 100).shape == (0, 4)  # a face that left the frame is dropped
+
+
+def test_detection_every_k_frames_follows_faces_in_between(checkpoint, clip):
+    calls = []
+
+    def detector(rgb):
+        calls.append(len(calls))
+        return [[100.0, 60.0, 190.0, 170.0]], [0.9]
+
+    predictor = Predictor(checkpoint, device="cpu", detector=detector)
+    frames = predict_video(predictor, clip, detect_every=3)
+    assert len(calls) == 3  # frames 0, 3 and 6 of 8
+    assert [f.faces[0].score for f in frames] == [0.9, None, None] * 2 + [0.9, None]
+    assert {f.faces[0].track for f in frames} == {0} and all(len(f.faces) == 1 for f in frames)
+    predict_video(predictor, clip, detect_every=1)
+    assert len(calls) == 3 + FRAMES
+    with pytest.raises(InputError, match="detect_every must be a positive int"):
+        predict_video(predictor, clip, detect_every=0)
 
 
 def test_predict_command_on_a_video(checkpoint, clip, tmp_path, capsys):

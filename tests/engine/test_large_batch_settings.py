@@ -1,0 +1,92 @@
+"""The settings of large-batch runs: the learning-rate scaling rules, the DDP bucket size reaching DDP, and the run
+plan of benchmarks/large_batch.py (global batch = processes x micro-batch x accumulation, the LAMB recipe above 32)."""
+import importlib.util
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import structalign.engine.train as train_module
+from structalign.engine.config import ConfigError, config_from_dict, load_config
+from structalign.engine.optim import scaled_lr
+
+from engine_helpers import tiny_config
+
+BENCHMARK = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "large_batch.py")
+
+
+@pytest.mark.parametrize("rule, factor", [("linear", 32.0), ("sqrt", math.sqrt(32.0))])
+def test_learning_rate_follows_the_global_batch_by_the_chosen_rule(rule, factor):
+    optim = config_from_dict({"optim": {"lr": 5e-3, "base_batch_size": 32, "lr_scaling": rule}}).optim
+    assert scaled_lr(optim, 1024) == pytest.approx(5e-3 * factor)
+    assert scaled_lr(optim, 32) == pytest.approx(5e-3)
+
+
+def test_ddp_bucket_size_is_checked_by_the_config():
+    assert config_from_dict({}).train.ddp_bucket_mb == 25.0  # torch's own default
+    with pytest.raises(ConfigError, match="train.ddp_bucket_mb: should be greater than 0"):
+        config_from_dict({"train": {"ddp_bucket_mb": 0}})
+    with pytest.raises(ConfigError, match="optim.lr_scaling: .*got 'cubic'"):
+        config_from_dict({"optim": {"lr_scaling": "cubic"}})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_recording_the_bucket(rank: int, world: int, port: int, root: str, out: str):
+    """One rank of a 2-process run whose DDP wrapper records the bucket cap it was built with."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+    class RecordingDDP(train_module.DDP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            with open(os.path.join(out, f"bucket{rank}.txt"), "w") as f:
+                f.write(str(self.bucket_bytes_cap))
+
+    train_module.DDP = RecordingDDP
+    cfg = tiny_config(root, out, train={"batch_size": 4, "epochs": 1, "ddp_bucket_mb": 3.0, "eval_every": 1,
+                                        "tensorboard": False})
+    train_module.train(cfg)
+
+
+@pytest.mark.slow  # two processes train one epoch: ~25 s on 2 shared cores
+def test_ddp_is_built_with_the_configured_bucket_size(synth_root, tmp_path):
+    mp.spawn(_rank_recording_the_bucket, args=(2, _free_port(), synth_root, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"bucket{r}.txt").read_text() for r in (0, 1)] == [str(3 * 2 ** 20)] * 2
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("large_batch_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("global_batch", [32, 256, 1024])
+def test_large_batch_benchmark_splits_each_global_batch_over_processes_and_accumulation(synth_root,
+                                                                                        global_batch):
+    bench = _benchmark_module()
+    args = bench.build_parser().parse_args(["--data", synth_root, "--processes", "2", "--micro-batch", "16",
+                                            "--image-size", "64", "--large", "optim.warmup_epochs=2.0"])
+    cfg = load_config("demo", bench.run_overrides(global_batch, args))
+    assert cfg.train.batch_size * cfg.train.accumulate * args.processes == global_batch
+    assert cfg.data.image_size == 64 and cfg.loss.params.omega2 == pytest.approx(5.0)  # the demo's 10 px at 128
+    if global_batch == 32:
+        assert cfg.optim == load_config("demo", check_data=False).optim
+    else:
+        assert cfg.optim.name == "lamb" and cfg.optim.warmup_epochs == 2.0
+
+
+def test_large_batch_benchmark_refuses_a_batch_that_processes_and_micro_batch_do_not_divide(synth_root):
+    bench = _benchmark_module()
+    args = bench.build_parser().parse_args(["--data", synth_root, "--micro-batch", "24"])
+    with pytest.raises(SystemExit, match="global batch 32 is not a multiple of processes x micro-batch = 48"):
+        bench.run_overrides(32, args)
