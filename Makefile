@@ -25,8 +25,8 @@ PYDANTIC_REQ := $(shell sed -n 's/^\(pydantic[^ #]*\).*/\1/p' requirements-cpu.t
 IMAGE_VENV := .venv-image
 IMAGE_TORCH ?= $(TORCH_PIN)
 IMAGE_TRITON ?= $(shell sed -n 's/^triton==\([0-9][0-9.]*\).*/\1/p' requirements-cpu.txt)
-IMAGE_PACKAGES := torch==$(IMAGE_TORCH) triton==$(IMAGE_TRITON) numpy pytest pyyaml scipy pillow tqdm "opencv-python-headless<5" \
-  h5py onnx setuptools ninja
+IMAGE_PACKAGES := torch==$(IMAGE_TORCH) triton==$(IMAGE_TRITON) numpy pytest pyyaml scipy pillow tqdm h5py onnx \
+  "opencv-python-headless<5" setuptools ninja
 
 .PHONY: demo test ext check-cuda check-cuda-build bench gpu-check gpu-deps image-venv gpu-check-dry clean
 

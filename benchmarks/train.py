@@ -20,8 +20,8 @@ Sections (--sections, comma list):
              wall time train() spends in next(batches)) and images/s against the data-free loop. Goal on one GPU: a
              data-wait share under 5 % at 5000 images/s (ResNet-34 L-GRN, 256 px, bf16). On a CPU the loader's
              workers share the cores with the step, so its figures are the CPU's, not the goal's.
-  sync       the same loop with a host read of the losses after every step (train.log_every=1, as every step was
-             before issue 9) against reads every --log-every steps, side by side in one run.
+  sync       the same loop with a host read of the losses after every step (train.log_every=1) against reads
+             every --log-every steps, side by side in one run.
   breakdown  median ms per phase of the step (data, forward + loss, backward, optimiser), the device synchronised
              between phases (so phases do not overlap as in a real run; "step" is their sum).
   ddp        one epoch of the demo config in 1 process against `torchrun --nproc_per_node=2` (gloo on CPU, NCCL on
@@ -52,7 +52,7 @@ from structalign.losses import build_criterion  # noqa: E402
 from structalign.models import build_model  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-TARGET_IMAGES_PER_S = 5000  # one H100/H200, the paper's model at 256 px (issue 9)
+TARGET_IMAGES_PER_S = 5000  # one H100/H200, the paper's model at 256 px
 CASES = {  # name: (shipped config, overrides, per-GPU batch)
     "paper r34 256px": ("wflw_lgrn_r34", [], 256),
     "demo r18/2 128px": ("demo", [], 32),

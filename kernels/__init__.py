@@ -36,4 +36,10 @@ def launch(kernel, grid, *args, **meta) -> None:
             raise RuntimeError(f"{kernel.fn.__name__}: a kernel run by the Triton interpreter (TRITON_INTERPRET=1) "
                                "cannot be traced into a graph (torch.compile / export); trace it on a GPU")
         return
-    wrap_triton(kernel)[grid](*args, **meta)
+    try:
+        wrapped = wrap_triton(kernel)
+    except RuntimeError:  # torch < 2.12's wrap_triton takes no interpreted kernel: run it directly
+        if not isinstance(kernel, InterpretedFunction):
+            raise
+        wrapped = kernel
+    wrapped[grid](*args, **meta)

@@ -6,10 +6,10 @@
 A program owns BLOCK_R rows (nodes) of one face. Row lengths vary, so the rows' edges are a [BLOCK_R, DEG] tile
 (DEG: a power of two >= the longest row, masked), whose softmax is computed once per edge; the aggregation walks
 its MAX_DEG columns (a static loop), each column taken out of the tile with a masked row sum. Every index and
-softmax gather is a 2-D tile load. (The previous backward gathered grad h_nbr with per-column 1-D loads, in_edges ->
-edge_row -> softmax masked by a test on the loaded edge_row, broadcast into the [16, 128] tile of 64 < C <= 128:
-with the runtime's divisibility attributes, TritonGPURemoveLayoutConversions rewrote that last load with a mask
-layout other than its pointer's, "'tt.load' op failed to verify that mask type matches ptr type".)
+softmax gather is a 2-D tile load. (Gathering grad h_nbr with per-column 1-D loads instead, in_edges -> edge_row ->
+softmax masked by a test on the loaded edge_row, broadcast into the [16, 128] tile of 64 < C <= 128, does not
+compile: with the runtime's divisibility attributes, TritonGPURemoveLayoutConversions rewrites that last load with a
+mask layout other than its pointer's, "'tt.load' op failed to verify that mask type matches ptr type".)
 
 Feature tiles are [BLOCK_C, BLOCK_R] (channels x rows) and read through the tensors' strides. Triton orders a
 load's lanes along the axis it can prove contiguous (channels when the channel stride is 1), and along the last

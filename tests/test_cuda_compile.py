@@ -5,7 +5,8 @@ Each header is compiled as its own translation unit with STRUCTALIGN_INSTANTIATE
 header instantiates its kernel templates (and host-side launch planners) for every dtype the launcher dispatches,
 with the flags torch's CUDAExtension passes (no half conversions / operators). ptxas' resource usage (registers,
 stack frame, spills) is read per kernel and every kernel must be spill-free: they are all on the hot path (a failure
-lists every kernel's usage). The ATen launchers themselves are compiled by `make check-cuda` against a CUDA build of torch.
+lists every kernel's usage). The ATen launchers themselves are compiled by `make check-cuda` against a CUDA build of
+torch.
 """
 import glob
 import os

@@ -21,17 +21,17 @@ from gpu_check_report import SUMMARIES, parse_junit, targets, write_markdown  # 
 
 SCHEMA, BUILD_LOCK, GRACE = "structalign-gpu-check/1", "/tmp/structalign-build.lock", 15  # GRACE: SIGINT to SIGKILL
 # step: (cap in s on a GPU, s kept back for the step while earlier ones run, cap in a dry run). The gpu tests get
-# what the build leaves less what is kept back for the later steps: most of the 480 s.
-PLAN = {"build": (150, 0, 400), "gpu_tests": (330, 0, 240), "memcheck": (60, 30, 300), "racecheck": (45, 20, 60),
-        "benchmark": (75, 40, 300), "head_bench": (30, 15, 120), "train_bench": (60, 30, 180)}
+# what the build leaves less what is kept back for the later steps: most of the 480 s (~270 s after a 60 s build).
+PLAN = {"build": (150, 0, 400), "gpu_tests": (330, 0, 240), "memcheck": (60, 25, 300), "racecheck": (45, 15, 60),
+        "benchmark": (75, 35, 300), "head_bench": (30, 15, 120), "train_bench": (100, 45, 180)}
 STEPS = tuple(PLAN)
 BENCHMARKS = {  # step: (script and arguments; more on a GPU; more in a dry run: tiny sizes, fp32, on the CPU)
     "benchmark": ("benchmarks/ops.py", "--device cuda --batch 4096,1024,256,64 --dtype bf16,fp32 --channels 128,256",
                   "--device cpu --quick --batch 2 --channels 16 --dtype fp32 --copy-mb 8 --providers "
                   "eager,reference,compile,cpp"),
-    "head_bench": ("benchmarks/head.py --providers gemm,fused,today", "--device cuda --dtype bf16 --batches 1024,4096 "
-                   "--reps 10 --warmup 2", "--device cpu --batches 2 --reps 1 --warmup 0"),
-    "train_bench": ("benchmarks/train.py --sections loop", "--steps 200", "--dry-run")}
+    "head_bench": ("benchmarks/head.py --providers gemm,fused,unfused", "--device cuda --dtype bf16 --batches "
+                   "1024,4096 --reps 10 --warmup 2", "--device cpu --batches 2 --reps 1 --warmup 0"),
+    "train_bench": ("benchmarks/train.py --sections loader", "--steps 150", "--dry-run")}
 MODULES = {"pytest": "pytest", "hypothesis": "hypothesis", "setuptools": "setuptools", "ninja": "ninja",
            "numpy": "numpy", "PIL": "pillow", "yaml": "pyyaml", "scipy": "scipy", "triton": "triton", "tqdm": "tqdm",
            "cv2": "opencv-python-headless", "pydantic": "pydantic", "nvidia.dali": None}

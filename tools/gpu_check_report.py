@@ -37,11 +37,10 @@ def parse_junit(path: str) -> dict:
 SUMMARIES = {  # step: one row's summary (None: left out)
     "head_bench": lambda x: f"B {x['batch']} {x['dtype']} {x['provider']}: {_f(x['median_ms'], '{:.2f}')} ms, "
     f"non-GEMM {_f(x['non_gemm_share'] * 100, '{:.0f}')} %" if "non_gemm_share" in x else None,
-    "train_bench": lambda x: f"{x['case']} batch {x['batch']} {x['precision']}, {x['data']} data: "
+    "train_bench": lambda x: f"{x['case']} B {x['batch']} {x['precision']}, {x['data']} data: "
     f"{_f(x['images_per_s'], '{:.0f}')} img/s, data wait "
-    f"{_f(x['data_wait_share'] and 100 * x['data_wait_share'], '{:.0f}')} %" + (
-        f" (target {x['target_images_per_s']}: {'met' if x['meets_target'] else 'MISSED'})" if "meets_target" in x
-        else "")}
+    f"{_f(x['data_wait_share'] and x['data_wait_share'] * 100, '{:.1f}')} %" + (
+        f" (goal: {'met' if x['meets_goal'] else 'MISSED'})" if "meets_goal" in x else "")}
 
 
 def targets(bench: dict | None, dry_run: bool) -> list:

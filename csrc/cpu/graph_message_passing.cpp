@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_message_passing
     return grads.result(logits_in);
   }
   const at::Tensor grad_out = channels_contiguous(grad_out_in);
-  if (grads.need_bias) grads.grad_bias = grad_out.sum({0, 1}, false, acc).to(h_self_in.scalar_type());
+  if (grads.need_bias) grads.grad_bias = grad_out.sum(at::IntArrayRef{0, 1}, false, acc).to(h_self_in.scalar_type());
   if (grads.need_h_self || grads.need_h_nbr || grads.need_logits) {
     const at::Tensor h_self = channels_contiguous(h_self_in), h_nbr = channels_contiguous(h_nbr_in);
     const at::Tensor logits = logits_in.to(acc).contiguous();

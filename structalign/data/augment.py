@@ -8,7 +8,8 @@ be compared under identical draws and an epoch can be resumed at any batch.
 Coordinates: pixel centres at integers in the original image and in the S x S crop (crop centre (S - 1) / 2).
 Crop: a square of side padding x max(box width, box height) around the box centre, resized to S x S
 (padding: data.crop_padding, default CROP_PADDING, chosen so that under the default augmentation at most 5 % of
-samples have a landmark outside the crop; benchmarks/RESULTS.md "Issue 10", `structalign data check --augment`).
+samples have a landmark outside the crop; benchmarks/RESULTS.md "crop padding from measurement", `structalign data
+check --augment`).
 Colour: saturation blends each pixel with its grey level (luma 0.299 R + 0.587 G + 0.114 B, rounded), then contrast
 about 128 and brightness scale it: gain * (s * rgb + (1 - s) * grey) + offset, in float, without clipping.
 Normalisation: (rgb - NORM_MEAN) / NORM_STD per channel on 0..255 values (ImageNet statistics).

@@ -27,7 +27,7 @@ from structalign.models import build_model, from_old_backbone_keys
 # file only needed to initialise a run) and op_backend (how to run, not what): both are ignored when loading.
 ARCHITECTURE_KEYS = ("arch", "backbone", "scheme", "image_size", "head_width", "num_blocks", "adjacency",
                      "map_to_node", "backbone_width", "bn_momentum", "fc_width", "visibility_head", "visibility_gate")
-# Checkpoints from before the visibility head (issue 14) have no such modules.
+# Checkpoints whose model_args lack these keys hold no visibility modules.
 OLDER_ARCHITECTURE = {"visibility_head": False, "visibility_gate": False}
 TEMPORARY_PATTERN = ".tmp-*.pt"
 
@@ -101,7 +101,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     missing = [k for k in ("model", "model_args", "config") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} is not a structalign checkpoint: missing {missing}")
-    # Checkpoints saved before the backbone took torchvision's module names load under today's names.
+    # Checkpoints with the backbone's stem / stage module names load under torchvision's names.
     if isinstance(state["model"], dict):
         state["model"] = from_old_backbone_keys(state["model"])
     if isinstance(state.get("ema"), dict) and isinstance(state["ema"].get("module"), dict):

@@ -131,8 +131,8 @@ def lost_contact(exc: BaseException) -> DistributedError | None:
         return None
     rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
     return DistributedError(f"rank {rank} of {world} lost contact with the other ranks ({_reason(exc)}): a rank died, "
-                            f"hangs or was stopped; under torchrun --max-restarts the group restarts, and --resume auto "
-                            f"continues from the last checkpoint")
+                            f"hangs or was stopped; under torchrun --max-restarts the group restarts, and --resume "
+                            f"auto continues from the last checkpoint")
 
 
 def teardown_distributed(env: DistEnv, synchronise: bool = True) -> None:

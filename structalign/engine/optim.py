@@ -14,11 +14,16 @@ from structalign.engine.config import OptimConfig
 class LAMB(torch.optim.Optimizer):
     """Adam moments with a per-tensor trust ratio ||w|| / ||update|| (You et al., ICLR 2020), for large batches.
 
-    Decoupled weight decay is part of the update; tensors with one dimension (biases, norms) skip decay and trust ratio.
+    The trust ratio and the decoupled weight decay apply to layer weights: tensors of more than one dimension, in a
+    group with adapt=True (the default), that are not all zero when first stepped (a tensor that starts at zero has
+    no scale for its step to be relative to, and would stay near zero). Every other tensor (biases, norms, groups
+    with adapt=False, zero-initialised weights) takes Adam's step at lr * unadapted_lr_ratio.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, adapt=True,
+                 unadapted_lr_ratio=1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=adapt,
+                                      unadapted_lr_ratio=unadapted_lr_ratio))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -38,6 +43,8 @@ class LAMB(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
+                if "adapt" not in state:  # decided once, at the first step (one host read per tensor)
+                    state["adapt"] = group["adapt"] and p.ndim > 1 and bool(p.any())
                 state["step"] += 1
             states = [self.state[p] for p in params]
             grads = [p.grad for p in params]
@@ -50,13 +57,16 @@ class LAMB(torch.optim.Optimizer):
             torch._foreach_add_(denom, group["eps"])
             update = torch._foreach_div(exp_avg, [1 - beta1 ** s["step"] for s in states])
             torch._foreach_div_(update, denom)
-            matrices = [i for i, p in enumerate(params) if p.ndim > 1]
-            if matrices:
-                weights, updates = [params[i] for i in matrices], [update[i] for i in matrices]
+            adapted = [i for i, s in enumerate(states) if s["adapt"]]
+            if adapted:
+                weights, updates = [params[i] for i in adapted], [update[i] for i in adapted]
                 torch._foreach_add_(updates, weights, alpha=group["weight_decay"])
                 w_norm, u_norm = torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(updates))
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
                 torch._foreach_mul_(updates, list(trust.unbind()))
+            unadapted = [update[i] for i, s in enumerate(states) if not s["adapt"]]
+            if unadapted and group["unadapted_lr_ratio"] != 1.0:
+                torch._foreach_mul_(unadapted, group["unadapted_lr_ratio"])
             torch._foreach_add_(params, update, alpha=-group["lr"])
         return loss
 
@@ -82,8 +92,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torc
         return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
-    if cfg.name == "lamb":
-        return LAMB(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "lamb":  # the trust ratio for layer weights; other tensors (the shape prior) step as Adam does
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        weights = [p for name, p in named if name.rsplit(".", 1)[-1] == "weight"]
+        others = [p for name, p in named if name.rsplit(".", 1)[-1] != "weight"]
+        groups = [{"params": weights}] + ([{"params": others, "adapt": False}] if others else [])
+        return LAMB(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                    unadapted_lr_ratio=cfg.lamb_unadapted_lr_ratio)
     raise ValueError(f"optim.name: unknown optimiser {cfg.name!r}")
 
 

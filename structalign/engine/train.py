@@ -288,8 +288,9 @@ def _run(cfg: Config, resume: str | None, on_step, loader) -> dict:
               f"{env.world_size} process(es) on {device}, global batch {global_batch}, "
               f"lr {scaled_lr(cfg.optim, global_batch):.4g}, {steps_per_epoch} steps/epoch", flush=True)
 
-    if ema is not None and env.distributed and saved is None:  # each rank's EMA copied its own initial weights: start
-        ema.module.load_state_dict(raw_model.state_dict())      # all from rank 0's, which DDP broadcast (as a resume does)
+    # Each rank's EMA copied its own initial weights: all start from rank 0's, which DDP broadcast (as on a resume).
+    if ema is not None and env.distributed and saved is None:
+        ema.module.load_state_dict(raw_model.state_dict())
 
     # Ctrl-C, or SIGTERM (a scheduler's preemption, which torchrun forwards): the ranks stop together at the next sync
     # point and save; within train.preempt_grace_s in any case (else the process exits without a new checkpoint). A
@@ -298,8 +299,8 @@ def _run(cfg: Config, resume: str | None, on_step, loader) -> dict:
 
     def out_of_grace():
         name = signal.Signals(interrupt["signal"]).name
-        print(f"rank {env.rank}: no sync point within train.preempt_grace_s={tc.preempt_grace_s:g} s of {name}: exiting "
-              f"without a new checkpoint", file=sys.stderr, flush=True)
+        print(f"rank {env.rank}: no sync point within train.preempt_grace_s={tc.preempt_grace_s:g} s of {name}: "
+              f"exiting without a new checkpoint", file=sys.stderr, flush=True)
         os._exit(STOP_EXIT_CODES[name])
 
     grace = threading.Timer(tc.preempt_grace_s, out_of_grace)

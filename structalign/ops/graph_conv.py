@@ -1,4 +1,4 @@
-"""graph_conv: one graph-convolution layer of the L-GRN head, everything but its matrix product fused (issue 15).
+"""graph_conv: one graph-convolution layer of the L-GRN head, everything but its matrix product fused.
 
     h = x @ [W_self | W_nbr]                                  one GEMM, Tensor[B * N, 2C]
     y = graph_message_passing(h[..., :C], h[..., C:], logits) + bias       (the halves read in place)

@@ -170,7 +170,7 @@ def test_data_check_augment_reports_the_out_of_crop_rate(root, capsys):
 
 
 def test_default_crop_keeps_landmarks_in_at_least_95_percent_of_samples(synth_root):
-    """The measurement behind CROP_PADDING (benchmarks/RESULTS.md, Issue 10) on tight landmark boxes."""
+    """The measurement behind CROP_PADDING (benchmarks/RESULTS.md, crop padding) on tight landmark boxes."""
     ds = open_dataset(synth_root, "wflw", "train", face_box="landmarks")
     assert out_of_crop_rate(ds, AugmentConfig(), CROP_PADDING, draws=1000)[0] <= 0.05
     assert out_of_crop_rate(ds, AugmentConfig(), 1.25, draws=1000)[0] > 0.1

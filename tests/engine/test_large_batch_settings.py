@@ -1,5 +1,6 @@
-"""The settings of large-batch runs: the learning-rate scaling rules, the DDP bucket size reaching DDP, and the run
-plan of benchmarks/large_batch.py (global batch = processes x micro-batch x accumulation, the LAMB recipe above 32)."""
+"""The settings of large-batch runs: the learning-rate scaling rules, which tensors LAMB steps with its trust ratio,
+the DDP bucket size reaching DDP, and the run plan of benchmarks/large_batch.py (global batch = processes x
+micro-batch x accumulation, the LAMB recipe above 32)."""
 import importlib.util
 import math
 import os
@@ -11,7 +12,7 @@ import torch.multiprocessing as mp
 
 import structalign.engine.train as train_module
 from structalign.engine.config import ConfigError, config_from_dict, load_config
-from structalign.engine.optim import scaled_lr
+from structalign.engine.optim import LAMB, build_optimizer, scaled_lr
 
 from engine_helpers import tiny_config
 
@@ -23,6 +24,41 @@ def test_learning_rate_follows_the_global_batch_by_the_chosen_rule(rule, factor)
     optim = config_from_dict({"optim": {"lr": 5e-3, "base_batch_size": 32, "lr_scaling": rule}}).optim
     assert scaled_lr(optim, 1024) == pytest.approx(5e-3 * factor)
     assert scaled_lr(optim, 32) == pytest.approx(5e-3)
+
+
+def test_lamb_steps_a_zero_initialised_weight_as_adam_does_instead_of_keeping_it_near_zero():
+    """A zero weight has no scale for a relative step: with the trust ratio it would move by lr once, then by lr
+    times its own tiny norm; stepped as Adam does, it moves lr * unadapted_lr_ratio per element every step."""
+    zero, ones = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.full((3, 4), 2.0))
+    opt = LAMB([zero, ones], lr=0.1, unadapted_lr_ratio=0.5)
+    for step in (1, 2):
+        zero.grad, ones.grad = torch.ones(3, 4), torch.ones(3, 4)
+        opt.step()
+        # Adam's update is 1 per element while the gradient is constant: 0.1 * 0.5 per step.
+        torch.testing.assert_close(zero.detach(), torch.full((3, 4), -0.05 * step))
+    # The non-zero weight keeps the trust ratio: ||w|| / ||update|| = its own scale (2, then 1.8).
+    torch.testing.assert_close(ones.detach(), torch.full((3, 4), 2.0 - 0.1 * 2.0 - 0.1 * 1.8))
+
+
+def test_lamb_recipe_steps_biases_norms_and_the_shape_prior_as_adam_at_the_unadapted_ratio():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 4)
+            self.shape_prior = torch.nn.Parameter(torch.full((5, 2), 0.5))  # a position: its norm is no scale
+
+    model = Model()
+    cfg = config_from_dict({"optim": {"name": "lamb", "weight_decay": 0.0, "lamb_unadapted_lr_ratio": 0.25}}).optim
+    opt = build_optimizer(model, cfg, lr=0.1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    moved = {name: before[name] - p.detach() for name, p in model.named_parameters()}
+    torch.testing.assert_close(moved["shape_prior"], torch.full((5, 2), 0.1 * 0.25))
+    torch.testing.assert_close(moved["layer.bias"], torch.full((4,), 0.1 * 0.25))
+    w = before["layer.weight"]
+    torch.testing.assert_close(moved["layer.weight"], torch.full((4, 4), 0.1 * float(w.norm()) / 4.0))
 
 
 def test_ddp_bucket_size_is_checked_by_the_config():

@@ -3,7 +3,7 @@
 Two processes on one node (--standalone) and two one-process "nodes" meeting by c10d rendezvous at 127.0.0.1 reach the
 losses and weights of the in-process DDP path. A worker killed with SIGKILL at a random step is restarted by torchrun
 (--max-restarts=1) and the group continues from the last checkpoint to the very model, optimiser and EMA of an
-uninterrupted run (STRUCTALIGN_ELASTIC_TRIALS trials, 2 by default). SIGTERM to torchrun, a scheduler's preemption,
+uninterrupted run (STRUCTALIGN_ELASTIC_TRIALS trials, 1 by default). SIGTERM to torchrun, a scheduler's preemption,
 makes every rank save at its next sync point and exit; the requeued command continues exactly. A rank that cannot
 reach the others exits with one line.
 
@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,10 @@ import yaml
 from engine_helpers import tiny_raw_config
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+# The `torchrun` command beside this Python (the same program as `python -m torch.distributed.run`).
+TORCHRUN = [os.path.join(os.path.dirname(sys.executable), "torchrun")]
+if not os.path.isfile(TORCHRUN[0]):
+    TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 STEPS = 9  # 3 epochs of 3 steps: 24 training images, 2 ranks, batches of 4
 RUN_TIMEOUT_S = 240  # the longest wait for a command; a test that needs it has failed
 COMPARED = ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "batch", "step", "best_nme")
@@ -153,7 +157,7 @@ def _assert_same_run(out_dir, reference_dir) -> None:
 
 
 def _standalone(config: str, out_dir, *extra) -> list:
-    return [TORCHRUN, "--standalone", "--nproc_per_node=2", *extra, "-m", "structalign.cli", "train", config,
+    return [*TORCHRUN, "--standalone", "--nproc_per_node=2", *extra, "-m", "structalign.cli", "train", config,
             f"train.out_dir={out_dir}", "--resume", "auto"]
 
 
@@ -200,7 +204,7 @@ def test_standalone_torchrun_matches_the_in_process_ddp_path(config, reference, 
 def test_two_nodes_on_loopback_with_c10d_rendezvous(config, reference, tmp_path):
     """One torchrun per "node", one process each, meeting at 127.0.0.1 as `--rdzv-backend=c10d` describes."""
     endpoint = f"127.0.0.1:{_free_port()}"
-    node = [TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+    node = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
             "--rdzv-id=two-nodes", "--local-addr=127.0.0.1", "-m", "structalign.cli", "train", config,
             f"train.out_dir={tmp_path}", "--resume", "auto"]
     logs = [tmp_path / f"node{i}.log" for i in (0, 1)]
@@ -215,7 +219,7 @@ def test_elastic_restart_after_sigkill_at_a_random_step_is_exact(config, referen
     """torchrun --max-restarts=1: a worker (either rank) killed with SIGKILL after a random step; the restarted group
     resumes from the last checkpoint and ends bit-identical to the uninterrupted run."""
     rng = random.Random()
-    for trial in range(int(os.environ.get("STRUCTALIGN_ELASTIC_TRIALS", "2"))):
+    for trial in range(int(os.environ.get("STRUCTALIGN_ELASTIC_TRIALS", "1"))):
         out, log = tmp_path / f"trial{trial}", tmp_path / f"trial{trial}.log"
         kill_after = rng.randint(3, STEPS - 1)  # the checkpoint of step 2 is written before step 3
         with _launched((_standalone(config, out, "--max-restarts=1"), log)) as (agent,):
@@ -233,20 +237,25 @@ def test_elastic_restart_after_sigkill_at_a_random_step_is_exact(config, referen
 @pytest.mark.slow
 def test_sigterm_to_torchrun_saves_at_the_next_sync_point_and_the_requeued_job_continues_exactly(
         config, reference, tmp_path):
+    """SIGTERM to torchrun and its workers at once, as SLURM sends it (Kubernetes signals torchrun only): each worker
+    gets it twice (torchrun forwards its own), and the second must not abort the save."""
     out, log = tmp_path / "run", tmp_path / "first.log"
-    stop_after = random.randint(1, STEPS - 2)
+    stop_after = random.randint(1, STEPS - 3)
     with _launched((_standalone(config, out), log)) as (agent,):
         _wait_for_step(out, stop_after, agent)
-        agent.send_signal(signal.SIGTERM)  # as SLURM or Kubernetes does
+        for pid in [agent.pid, *_workers(agent.pid)]:
+            os.kill(pid, signal.SIGTERM)
         _finished(agent, log)
     text = log.read_text()
     for rank in (0, 1):
         assert f"interrupt (SIGTERM, rank {rank})" in text, text[-3000:]
     saved = torch.load(out / "last.pt", weights_only=True)["step"]
-    assert f"interrupt received on rank(s) [0, 1] of 2: saving a checkpoint at step {saved} and stopping" in text
+    # Both ranks, or the first one signalled where a sync point fell between the two signals.
+    assert re.search(rf"interrupt received on rank\(s\) \[[01, ]+\] of 2: saving a checkpoint at step {saved} and "
+                     rf"stopping", text)
     assert f"interrupted (SIGTERM) at step {saved}" in text and "exit status 75" in text
     assert "forcefully exiting" not in text  # every worker ended by itself, torchrun killed none
-    assert stop_after <= saved < STEPS
+    assert stop_after <= saved
     requeued = tmp_path / "requeued.log"
     with _launched((_standalone(config, out), requeued)) as (agent,):
         assert _finished(agent, requeued) == 0, requeued.read_text()[-3000:]
@@ -303,6 +312,7 @@ def test_sigterm_stops_a_single_process_with_exit_status_75(config, tmp_path):
     assert status == 75 and 1 <= saved < STEPS, log.read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_sync_points_come_within_half_the_grace_period(synth_root, tmp_path):
     """One process, 3 steps per epoch, steps of at least 0.6 s and train.preempt_grace_s=1: after the first sync point
     (the end of epoch 0, step 3) every step is one, although train.log_every is 100, so that an interrupt is acted on

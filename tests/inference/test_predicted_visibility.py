@@ -1,6 +1,6 @@
-"""Predicted visibility (issue 14): P(landmark visible) per point from Predictor, OnnxPredictor and `structalign
+"""Predicted visibility: P(landmark visible) per point from Predictor, OnnxPredictor and `structalign
 predict` (JSON, CSV, overlays, video), the flip test re-indexing it by the scheme's flip permutation, and a model
-without a visibility head (a checkpoint from before it) giving None and no visibility output anywhere."""
+without a visibility head (as a checkpoint without one loads) giving None and no visibility output anywhere."""
 import csv
 import json
 

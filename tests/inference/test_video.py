@@ -1,6 +1,6 @@
 """Video: the One-Euro filter, faces followed across frames, detection every k frames with the faces followed from
 their landmarks in between, and `structalign predict clip.mp4 --out out.mp4` on a short video written here (overlay
-video + per-frame JSON/CSV), with unreadable and zero-frame videos."""
+video + per-frame JSON/CSV), two videos of one name, and unreadable and zero-frame videos."""
 import csv
 import json
 
@@ -112,6 +112,21 @@ def test_predict_command_on_a_video(checkpoint, clip, tmp_path, capsys):
         rows = list(csv.reader(f))
     assert len(rows) == 1 + FRAMES and len(rows[0]) == 9 + 3 * 98 and rows[0][-1] == "visibility97"
     assert [int(r[1]) for r in rows[1:]] == list(range(FRAMES))
+
+
+def test_two_videos_of_one_name_keep_their_own_outputs(checkpoint, clip, tmp_path):
+    import shutil
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(clip, tmp_path / folder / "clip.mp4")
+    out = tmp_path / "out"
+    assert main(["predict", checkpoint, str(tmp_path / "a" / "clip.mp4"), str(tmp_path / "b" / "clip.mp4"), "--out",
+                 str(out)]) == 0
+    sources = {json.loads((out / f"{stem}.json").read_text())["images"][0]["source"]
+               for stem in ("clip_landmarks", "clip_landmarks_2")}
+    assert sources == {str(tmp_path / "a" / "clip.mp4"), str(tmp_path / "b" / "clip.mp4")}
+    assert (out / "clip_landmarks.mp4").is_file() and (out / "clip_landmarks_2.mp4").is_file()
 
 
 def test_bad_videos_are_reported_and_the_run_goes_on(checkpoint, clip, tmp_path, capsys):

@@ -77,14 +77,14 @@ def test_torchvision_state_dict_loads_as_is_and_computes_torchvision_features(tm
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_old_layout_checkpoint_loads_under_todays_names(tmp_path, arch):
-    """A structalign checkpoint saved before the torchvision names (backbone.stem.conv, stage1, shortcut) loads for
+def test_stem_stage_layout_checkpoint_loads_under_torchvision_names(tmp_path, arch):
+    """A structalign checkpoint with the stem / stage backbone names (backbone.stem.conv, stage1, shortcut) loads for
     predict/export (model_from_checkpoint) and fine-tuning (init_from); --resume reads it the same way."""
     with open(os.path.join(FIXTURES, "old_backbone_keys.json")) as f:
         old_backbone = json.load(f)[arch]
     args = dict(arch="lgrn", backbone=arch, scheme="wflw98", image_size=64, head_width=8, num_blocks=0,
                 backbone_width=8)
-    # Checkpoints of that time had no visibility head either (their model_args lack visibility_head).
+    # Such checkpoints have no visibility head either (their model_args lack visibility_head).
     rest = {k: v for k, v in build_model(**args, op_backend="reference", visibility_head=False).state_dict().items()
             if not k.startswith("backbone.")}
     old = {k: filled(k, shape, torch.int64 if k.endswith("num_batches_tracked") else torch.float32)

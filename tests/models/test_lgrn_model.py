@@ -214,7 +214,7 @@ def test_fused_head_matches_the_unfused_head_cpp(adjacency):
     torch.testing.assert_close(fused(nodes, pooled[:2]), plain(nodes, pooled[:2]), atol=1e-5, rtol=1e-5)
 
 
-def test_reference_backend_keeps_todays_computation_bitwise():
+def test_reference_backend_fused_head_matches_the_unfused_one_bitwise():
     fused, plain = _head_pair("reference")
     nodes = torch.randn(2, 98, 20, requires_grad=True)
     outs = [head(nodes) for head in (fused, plain)]
@@ -225,7 +225,7 @@ def test_reference_backend_keeps_todays_computation_bitwise():
 
 
 def test_fused_and_unfused_heads_share_state_dict_keys_and_checkpoints():
-    """Checkpoints of the unfused head (today's) load into the fused one unchanged, and back."""
+    """Checkpoints of the unfused head load into the fused one unchanged, and back."""
     fused, plain = _head_pair("reference")
     assert list(fused.state_dict()) == list(plain.state_dict())
     assert all(fused.state_dict()[k].shape == v.shape for k, v in plain.state_dict().items())
@@ -234,7 +234,7 @@ def test_fused_and_unfused_heads_share_state_dict_keys_and_checkpoints():
 
 
 def test_build_model_fused_layers_flag():
-    """build_model(fused_layers=False) builds today's unfused head (for A/B runs); the state dicts match."""
+    """build_model(fused_layers=False) builds the unfused head (for A/B runs); the state dicts match."""
     fused, plain = build_model(**TINY), build_model(**TINY, fused_layers=False)
     assert all(c.fused for c in fused.head.graph_convs()) and not any(c.fused for c in plain.head.graph_convs())
     plain.load_state_dict(fused.state_dict(), strict=True)

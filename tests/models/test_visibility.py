@@ -1,4 +1,4 @@
-"""The visibility head, its loss and the visibility-gated L-GRN adjacency (issue 14)."""
+"""The visibility head, its loss and the visibility-gated L-GRN adjacency."""
 import pytest
 import torch
 
