@@ -2,7 +2,6 @@
 before tracing, and every gradient arrives in its parameter's layout (DDP never warns "Grad strides do not match
 bucket view strides", the warning of a copy into each bucket)."""
 import os
-import socket
 import warnings
 
 import pytest
@@ -10,20 +9,13 @@ import torch
 import torch.multiprocessing as mp
 
 from engine_helpers import tiny_config
+from process_group import as_rank, free_port
 
 STRIDE_WARNING = "Grad strides do not match bucket view strides"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, root: str, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, 2, port)
     from structalign.engine.train import train
 
     compiled = []
@@ -48,7 +40,7 @@ def _worker(rank: int, port: int, root: str, out: str):
 @pytest.fixture(scope="module")
 def ddp_compiled_run(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_compile")
-    mp.spawn(_worker, args=(_free_port(), synth_root, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), synth_root, str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{rank}.pt") for rank in (0, 1)]
 
 

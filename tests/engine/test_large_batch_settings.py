@@ -4,7 +4,6 @@ micro-batch x accumulation, the LAMB recipe above 32)."""
 import importlib.util
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from structalign.engine.config import ConfigError, config_from_dict, load_config
 from structalign.engine.optim import LAMB, build_optimizer, scaled_lr
 
 from engine_helpers import tiny_config
+from process_group import as_rank, free_port
 
 BENCHMARK = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "large_batch.py")
 
@@ -69,17 +69,9 @@ def test_ddp_bucket_size_is_checked_by_the_config():
         config_from_dict({"optim": {"lr_scaling": "cubic"}})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_recording_the_bucket(rank: int, world: int, port: int, root: str, out: str):
     """One rank of a 2-process run whose DDP wrapper records the bucket cap it was built with."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
 
     class RecordingDDP(train_module.DDP):
         def __init__(self, *args, **kwargs):
@@ -95,7 +87,7 @@ def _rank_recording_the_bucket(rank: int, world: int, port: int, root: str, out:
 
 @pytest.mark.slow  # two processes train one epoch: ~25 s on 2 shared cores
 def test_ddp_is_built_with_the_configured_bucket_size(synth_root, tmp_path):
-    mp.spawn(_rank_recording_the_bucket, args=(2, _free_port(), synth_root, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_recording_the_bucket, args=(2, free_port(), synth_root, str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"bucket{r}.txt").read_text() for r in (0, 1)] == [str(3 * 2 ** 20)] * 2
 
 

@@ -15,7 +15,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from engine_helpers import tiny_raw_config
+from process_group import as_rank, free_port
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 # The `torchrun` command beside this Python (the same program as `python -m torch.distributed.run`).
@@ -35,12 +35,6 @@ if not os.path.isfile(TORCHRUN[0]):
 STEPS = 9  # 3 epochs of 3 steps: 24 training images, 2 ranks, batches of 4
 RUN_TIMEOUT_S = 240  # the longest wait for a command; a test that needs it has failed
 COMPARED = ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "batch", "step", "best_nme")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path, root: str, **train) -> str:
@@ -177,9 +171,7 @@ def reference(config, tmp_path_factory):
 
 
 def _in_process_worker(rank: int, port: int, config: str, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, 2, port)
     from structalign.engine.config import load_config
     from structalign.engine.train import train
 
@@ -191,7 +183,7 @@ def _in_process_worker(rank: int, port: int, config: str, out: str):
 
 @pytest.mark.slow
 def test_standalone_torchrun_matches_the_in_process_ddp_path(config, reference, tmp_path):
-    mp.spawn(_in_process_worker, args=(_free_port(), config, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_in_process_worker, args=(free_port(), config, str(tmp_path)), nprocs=2, join=True)
     in_process, rank1 = (torch.load(tmp_path / f"result{rank}.pt") for rank in (0, 1))
     _assert_equal(rank1["ema"], in_process["ema"], "rank 1's EMA")  # the ranks validate the same model
     assert [loss for _, loss in _logged_losses(reference)] == in_process["losses"]
@@ -203,7 +195,7 @@ def test_standalone_torchrun_matches_the_in_process_ddp_path(config, reference, 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_with_c10d_rendezvous(config, reference, tmp_path):
     """One torchrun per "node", one process each, meeting at 127.0.0.1 as `--rdzv-backend=c10d` describes."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     node = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
             "--rdzv-id=two-nodes", "--local-addr=127.0.0.1", "-m", "structalign.cli", "train", config,
             f"train.out_dir={tmp_path}", "--resume", "auto"]
@@ -276,7 +268,7 @@ def _error_lines(text: str) -> list:
 
 def test_a_rank_whose_peers_never_come_exits_with_one_line(config, tmp_path):
     log = tmp_path / "rank0.log"
-    with _launched((_cli(config, tmp_path, 0, _free_port(), "train.dist_timeout_s=2.0"), log)) as (proc,):
+    with _launched((_cli(config, tmp_path, 0, free_port(), "train.dist_timeout_s=2.0"), log)) as (proc,):
         status = _finished(proc, log)
     text = log.read_text()
     assert status == 1 and "Traceback" not in text, text[-3000:]
@@ -289,7 +281,7 @@ def test_a_rank_whose_peers_never_come_exits_with_one_line(config, tmp_path):
 def test_a_rank_that_loses_its_peer_mid_run_exits_with_one_line(config, tmp_path):
     """Rank 1 killed with SIGKILL after step 3, without torchrun to stop rank 0: rank 0's next collective fails and it
     exits with one line (no traceback, no hang)."""
-    port, logs = _free_port(), [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    port, logs = free_port(), [tmp_path / f"rank{r}.log" for r in (0, 1)]
     with _launched((_cli(config, tmp_path, 0, port), logs[0]), (_cli(config, tmp_path, 1, port), logs[1])) as procs:
         _wait_for_step(tmp_path, 3, procs[0])
         procs[1].kill()

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 
 import pytest
@@ -24,6 +23,7 @@ from structalign.errors import StructalignError
 from structalign.models.resnet import ResNet
 
 from engine_helpers import tiny_config
+from process_group import as_rank, free_port
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +94,8 @@ def test_bad_config_is_reported_before_training(synth_root, tmp_path):
     assert not os.path.exists(tmp_path / "log.jsonl")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, root: str, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
 
     def sigterm_on_rank_1(step):  # as a cluster scheduler may do to one process
         if rank == 1 and step == 1:
@@ -121,7 +113,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str):
 
 def test_ddp_two_processes_keep_identical_parameters_and_stop_together(synth_root, tmp_path):
     """SIGTERM on rank 1 only, after step 1: the ranks exchange it at the next log step (2) and both stop there."""
-    mp.spawn(_ddp_worker, args=(2, _free_port(), synth_root, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), synth_root, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert len(r0["losses"]) == 2 and all(math.isfinite(v) for v in r0["losses"])
     # Each rank reports the global loss (the all-reduced mean), not its own shard's: a rank that logged its local

@@ -3,13 +3,13 @@ too small for the backbone, a checkpoint that would run code, a batch larger tha
 one; and under DDP the closing "best validation NME" line is printed once, by rank 0."""
 import contextlib
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from structalign.cli import main
+from process_group import as_rank, free_port
 
 # The demo config, shrunk to a ResNet-18 of width 8 at 64 px for one epoch.
 TINY = ["model.backbone_width=8", "model.head_width=16", "model.num_blocks=1", "data.image_size=64",
@@ -63,17 +63,9 @@ def test_300w_format_on_a_root_without_its_folders_names_data_root_and_format(sy
     assert "data.root" in err and "data.format" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_rank(rank: int, world: int, port: int, root: str, out: str):
     """One rank of `torchrun --nproc_per_node=2 -m structalign.cli train demo ...`, its stdout in out/rankN.txt."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     with open(os.path.join(out, f"rank{rank}.txt"), "w") as log, contextlib.redirect_stdout(log):
         code = main(["train", "demo", f"data.root={root}", f"train.out_dir={os.path.join(out, 'run')}", *TINY])
     if code != 0:
@@ -82,7 +74,7 @@ def _train_rank(rank: int, world: int, port: int, root: str, out: str):
 
 @pytest.mark.slow  # two processes train one epoch: ~25 s on 2 shared cores
 def test_only_rank_0_prints_the_best_validation_line_under_ddp(synth_root, tmp_path):
-    mp.spawn(_train_rank, args=(2, _free_port(), synth_root, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_train_rank, args=(2, free_port(), synth_root, str(tmp_path)), nprocs=2, join=True)
     best = os.path.join(tmp_path, "run", "best.pt")
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
     assert rank0.count("best validation NME") == 1 and f"(epoch 0): {best}" in rank0

@@ -6,7 +6,6 @@ each CPU backend, and through GraphBlock with an nn.SyncBatchNorm and with sync_
     python -m pytest -q tests/ops/test_graph_conv_sync_bn.py
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from structalign.landmarks import scheme_for
 from structalign.ops import BatchNormArgs, LandmarkGraph, graph_conv
 from structalign.ops.backend import cpp_available, triton_available
+from process_group import free_port
 
 SHARES = (slice(0, 3), slice(3, 5))  # the faces of rank 0 and rank 1
 N, F, C = 29, 5, 4
@@ -101,12 +101,6 @@ def run_block(kind: str, share: slice, world: int) -> dict:
     return dict(outs=outs, input_grads=input_grads, param_grads=param_grads, buffers=buffers)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -124,7 +118,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 def two_processes(tmp_path_factory) -> list:
     """What each of the two processes computed (one spawn for every test here: starting them dominates)."""
     out = tmp_path_factory.mktemp("sync_bn")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
