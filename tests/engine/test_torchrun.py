@@ -305,15 +305,22 @@ def test_sigterm_stops_a_single_process_with_exit_status_75(config, tmp_path):
 
 
 @pytest.mark.slow
-def test_sync_points_come_within_half_the_grace_period(synth_root, tmp_path):
-    """One process, 3 steps per epoch, steps of at least 0.6 s and train.preempt_grace_s=1: after the first sync point
-    (the end of epoch 0, step 3) every step is one, although train.log_every is 100, so that an interrupt is acted on
-    in time."""
+def test_sync_points_come_within_half_the_grace_period(synth_root, tmp_path, monkeypatch):
+    """One process, 3 steps per epoch, steps of at least 0.6 s (the loss sleeps inside the step) and
+    train.preempt_grace_s=1: after the first sync point (the end of epoch 0, step 3) every step is one, although
+    train.log_every is 100, so that an interrupt is acted on in time."""
+    import structalign.engine.train as train_module
     from structalign.engine.config import load_config
-    from structalign.engine.train import train
 
+    def slow_criterion(*args, **kwargs):
+        criterion = build_criterion(*args, **kwargs)
+        criterion.register_forward_hook(lambda module, inputs, output: time.sleep(0.6))
+        return criterion
+
+    build_criterion = train_module.build_criterion
+    monkeypatch.setattr(train_module, "build_criterion", slow_criterion)
     cfg = load_config(_config(tmp_path, synth_root, preempt_grace_s=1.0),
                       ["train.log_every=100", "train.save_every=0", "train.epochs=2", "train.batch_size=8",
                        f"train.out_dir={tmp_path}"])
-    train(cfg, on_step=lambda step: time.sleep(0.6))
+    train_module.train(cfg)
     assert [step for step, _ in _logged_losses(tmp_path)] == [3, 4, 5, 6]
