@@ -31,12 +31,11 @@ from structalign.engine.report import evaluate_checkpoint  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SMALL_BATCH = 32  # the demo's global batch and optimiser: the reference every larger batch is held to
-# The large-batch recipe: LAMB (per-tensor trust ratio) at 0.04 for a global batch of 256, scaled by the square root
-# of the batch, with the tensors outside the trust ratio (biases, norms, the shape prior, zero-initialised weights)
-# stepped as Adam does at 1/8 of that rate, after a warm-up of one epoch (benchmarks/RESULTS.md, 2026-12-05: what was
-# tried). Extra overrides (--large) are applied after these.
-LARGE_BATCH_RECIPE = ["optim.name=lamb", "optim.lr=0.04", "optim.base_batch_size=256", "optim.lr_scaling=sqrt",
-                      "optim.lamb_unadapted_lr_ratio=0.125", "optim.warmup_epochs=1.0"]
+# The large-batch recipe: LAMB (per-tensor trust ratio on layer weights) at 0.02 for a global batch of 256, scaled by
+# the square root of the batch, after a warm-up of one epoch (benchmarks/RESULTS.md, 2026-12-05: what was tried).
+# Extra overrides (--large) are applied after these.
+LARGE_BATCH_RECIPE = ["optim.name=lamb", "optim.lr=0.02", "optim.base_batch_size=256", "optim.lr_scaling=sqrt",
+                      "optim.warmup_epochs=1.0"]
 DEMO_CROP = 128  # the demo config's crop side: its Soft-Wing widths are in pixels of that crop
 COLUMNS = ["global_batch", "accumulate", "optimiser", "lr", "warmup_epochs", "steps", "val_nme", "test_nme",
            "test_fr", "vs_batch_32_pct", "within_goal", "train_s"]

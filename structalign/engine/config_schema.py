@@ -127,9 +127,6 @@ class OptimConfig(Section):
     warmup_epochs: Float = Field(0.0, ge=0)
     min_lr_ratio: Float = Field(0.0, ge=0)  # cosine floor as a fraction of lr
     fused: StrictBool = False  # one fused kernel updates all tensors (sgd, adam, adamw; lamb always runs foreach)
-    # lamb: learning rate of the tensors stepped without trust ratio (biases, norms, the shape prior, zero-initialised
-    # weights), as a fraction of lr: LAMB's lr is a relative step, far too large as Adam's step at large batches
-    lamb_unadapted_lr_ratio: Float = Field(1.0, gt=0, le=1)
 
     @field_validator("milestones")
     @classmethod

@@ -17,13 +17,11 @@ class LAMB(torch.optim.Optimizer):
     The trust ratio and the decoupled weight decay apply to layer weights: tensors of more than one dimension, in a
     group with adapt=True (the default), that are not all zero when first stepped (a tensor that starts at zero has
     no scale for its step to be relative to, and would stay near zero). Every other tensor (biases, norms, groups
-    with adapt=False, zero-initialised weights) takes Adam's step at lr * unadapted_lr_ratio.
+    with adapt=False, zero-initialised weights) takes Adam's step.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, adapt=True,
-                 unadapted_lr_ratio=1.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=adapt,
-                                      unadapted_lr_ratio=unadapted_lr_ratio))
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, adapt=True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=adapt))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -64,9 +62,6 @@ class LAMB(torch.optim.Optimizer):
                 w_norm, u_norm = torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(updates))
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
                 torch._foreach_mul_(updates, list(trust.unbind()))
-            unadapted = [update[i] for i, s in enumerate(states) if not s["adapt"]]
-            if unadapted and group["unadapted_lr_ratio"] != 1.0:
-                torch._foreach_mul_(unadapted, group["unadapted_lr_ratio"])
             torch._foreach_add_(params, update, alpha=-group["lr"])
         return loss
 
@@ -97,8 +92,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torc
         weights = [p for name, p in named if name.rsplit(".", 1)[-1] == "weight"]
         others = [p for name, p in named if name.rsplit(".", 1)[-1] != "weight"]
         groups = [{"params": weights}] + ([{"params": others, "adapt": False}] if others else [])
-        return LAMB(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                    unadapted_lr_ratio=cfg.lamb_unadapted_lr_ratio)
+        return LAMB(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     raise ValueError(f"optim.name: unknown optimiser {cfg.name!r}")
 
 

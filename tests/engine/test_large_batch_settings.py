@@ -28,19 +28,19 @@ def test_learning_rate_follows_the_global_batch_by_the_chosen_rule(rule, factor)
 
 def test_lamb_steps_a_zero_initialised_weight_as_adam_does_instead_of_keeping_it_near_zero():
     """A zero weight has no scale for a relative step: with the trust ratio it would move by lr once, then by lr
-    times its own tiny norm; stepped as Adam does, it moves lr * unadapted_lr_ratio per element every step."""
-    zero, ones = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.full((3, 4), 2.0))
-    opt = LAMB([zero, ones], lr=0.1, unadapted_lr_ratio=0.5)
+    times its own tiny norm; stepped as Adam does, it moves lr per element every step."""
+    zero, twos = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.full((3, 4), 2.0))
+    opt = LAMB([zero, twos], lr=0.1)
     for step in (1, 2):
-        zero.grad, ones.grad = torch.ones(3, 4), torch.ones(3, 4)
+        zero.grad, twos.grad = torch.ones(3, 4), torch.ones(3, 4)
         opt.step()
-        # Adam's update is 1 per element while the gradient is constant: 0.1 * 0.5 per step.
-        torch.testing.assert_close(zero.detach(), torch.full((3, 4), -0.05 * step))
+        # Adam's update is 1 per element while the gradient is constant.
+        torch.testing.assert_close(zero.detach(), torch.full((3, 4), -0.1 * step))
     # The non-zero weight keeps the trust ratio: ||w|| / ||update|| = its own scale (2, then 1.8).
-    torch.testing.assert_close(ones.detach(), torch.full((3, 4), 2.0 - 0.1 * 2.0 - 0.1 * 1.8))
+    torch.testing.assert_close(twos.detach(), torch.full((3, 4), 2.0 - 0.1 * 2.0 - 0.1 * 1.8))
 
 
-def test_lamb_recipe_steps_biases_norms_and_the_shape_prior_as_adam_at_the_unadapted_ratio():
+def test_lamb_recipe_steps_biases_and_the_shape_prior_as_adam_and_layer_weights_by_trust_ratio():
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -48,15 +48,14 @@ def test_lamb_recipe_steps_biases_norms_and_the_shape_prior_as_adam_at_the_unada
             self.shape_prior = torch.nn.Parameter(torch.full((5, 2), 0.5))  # a position: its norm is no scale
 
     model = Model()
-    cfg = config_from_dict({"optim": {"name": "lamb", "weight_decay": 0.0, "lamb_unadapted_lr_ratio": 0.25}}).optim
-    opt = build_optimizer(model, cfg, lr=0.1)
+    opt = build_optimizer(model, config_from_dict({"optim": {"name": "lamb", "weight_decay": 0.0}}).optim, lr=0.1)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
     moved = {name: before[name] - p.detach() for name, p in model.named_parameters()}
-    torch.testing.assert_close(moved["shape_prior"], torch.full((5, 2), 0.1 * 0.25))
-    torch.testing.assert_close(moved["layer.bias"], torch.full((4,), 0.1 * 0.25))
+    torch.testing.assert_close(moved["shape_prior"], torch.full((5, 2), 0.1))
+    torch.testing.assert_close(moved["layer.bias"], torch.full((4,), 0.1))
     w = before["layer.weight"]
     torch.testing.assert_close(moved["layer.weight"], torch.full((4, 4), 0.1 * float(w.norm()) / 4.0))
 
