@@ -34,8 +34,10 @@ def _fake_slurm(tmp_path) -> dict:
     """PATH with stand-ins for scontrol (two host names) and srun (records its argv), and a job's SLURM variables."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    # One line per node, written one at a time as a long list would be: a reader that stops after the first line
+    # (head -n 1) makes the second write fail with SIGPIPE, an error under pipefail.
     (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] || exit 1\n'
-                                      'printf "gpu-017\\ngpu-018\\n"\n')
+                                      'echo gpu-017\nsleep 0.2\necho gpu-018\n')
     (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$SRUN_ARGV"\n')
     for tool in ("scontrol", "srun"):
         os.chmod(bin_dir / tool, 0o755)
