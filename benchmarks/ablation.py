@@ -73,10 +73,10 @@ def run_variant(key: str, seed: int, args, sets: dict) -> dict:
     cfg = load_config("demo", [f"data.root={args.data}", f"train.out_dir={out}", f"train.seed={seed}",
                                f"train.epochs={args.epochs}", "train.progress=false", *args.overrides, *overrides])
     result = train(cfg)
-    metrics = evaluate_sets(result["best_checkpoint"] or result["last_checkpoint"], cfg, sets)
+    metrics = evaluate_sets(result.best_checkpoint or result.last_checkpoint, cfg, sets)
     test, occl, rect = (metrics[k][0] for k in ("test", "occluded", "rectangle"))
     heavy = occl["heavy_occlusion"]
-    return {"key": key, "variant": name, "seed": seed, "steps": result["steps"], "val_nme": result["best_nme"],
+    return {"key": key, "variant": name, "seed": seed, "steps": result.steps, "val_nme": result.best_nme,
             "test_nme": test["nme"], "test_fr": test["fr"], "test_auroc": test["visibility_auroc"],
             "occl_nme": occl["nme"], "occl_fr": occl["fr"], "occl_nme_occluded_pts": occl["nme_occluded"],
             "occl_nme_visible_pts": occl["nme_visible"], "occl_heavy_faces": heavy["count"],

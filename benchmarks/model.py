@@ -21,6 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import device_name, print_table, write_json  # noqa: E402
 
+from structalign.engine.config_schema import ModelConfig  # noqa: E402
+from structalign.landmarks import WFLW98  # noqa: E402
 from structalign.losses import build_criterion  # noqa: E402
 from structalign.models import build_model  # noqa: E402
 from structalign.ops.backend import cpp_available  # noqa: E402
@@ -38,8 +40,8 @@ def cpp_problem(device: torch.device) -> str | None:
     if missing:
         return f"no cpp kernel on {device.type} for {', '.join(missing)}"
     try:
-        model = build_model(backbone="resnet18", image_size=64, head_width=8, num_blocks=0, backbone_width=8,
-                            op_backend="cpp").to(device)
+        model = build_model(ModelConfig(backbone="resnet18", head_width=8, num_blocks=0, backbone_width=8,
+                                        op_backend="cpp"), WFLW98, 64).to(device)
         loss, _ = build_criterion(op_backend="cpp")(model(torch.rand(2, 3, 64, 64, device=device))[0],
                                                    torch.rand(2, 98, 2, device=device) * 64)
         loss.backward()
@@ -51,7 +53,7 @@ def cpp_problem(device: torch.device) -> str | None:
 def make_case(backbone: str, size: int, batch: int, backend: str, device) -> dict:
     """{"step", "head", "loss"}: callables running one forward + backward (see the module docstring)."""
     torch.manual_seed(0)
-    model = build_model(backbone=backbone, image_size=size, op_backend=backend).to(device)
+    model = build_model(ModelConfig(backbone=backbone, op_backend=backend), WFLW98, size).to(device)
     model = model.to(memory_format=torch.channels_last)
     criterion = build_criterion(op_backend=backend)
     images = torch.rand(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)

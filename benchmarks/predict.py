@@ -29,15 +29,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detect import HaarCascade  # noqa: E402
 from harness import measure, print_table, write_json  # noqa: E402
 
+from structalign.engine.checkpoint import model_args  # noqa: E402
+from structalign.engine.config_schema import ModelConfig  # noqa: E402
 from structalign.export import export_onnx  # noqa: E402
 from structalign.inference.crop import crop_image, crop_matrix  # noqa: E402
 from structalign.inference.detector import YuNetFaceDetector  # noqa: E402
 from structalign.inference.onnx_predictor import OnnxPredictor  # noqa: E402
 from structalign.inference.predictor import Predictor  # noqa: E402
 from structalign.inference.video import predict_video  # noqa: E402
+from structalign.landmarks import WFLW98  # noqa: E402
 from structalign.models import build_model  # noqa: E402
 
-MODELS = {  # name: build_model kwargs (configs wflw_lgrn_r34.yaml and demo.yaml)
+MODELS = {  # name: ModelConfig fields and image_size (configs wflw_lgrn_r34.yaml and demo.yaml)
     "paper r34 256px": dict(arch="lgrn", backbone="resnet34", image_size=256, head_width=128, num_blocks=4),
     "demo r18/2 128px": dict(arch="lgrn", backbone="resnet18", image_size=128, head_width=64, num_blocks=2,
                              backbone_width=32),
@@ -62,10 +65,10 @@ def write_clip(path: str, picture: np.ndarray) -> str:
 
 def make_checkpoint(folder: str, name: str, args: dict) -> str:
     path = os.path.join(folder, name.split()[0] + ".pt")
-    args = {"visibility_head": True, **args}  # as training writes it (absent: a checkpoint from before the head)
-    model = build_model(scheme="wflw98", **args)
-    torch.save({"model": model.state_dict(), "ema": None, "model_args": {"scheme": "wflw98", **args},
-                "config": {"data": {"image_size": args["image_size"]}, "train": {"precision": "fp32"}}}, path)
+    model_cfg, size = ModelConfig(**{k: v for k, v in args.items() if k != "image_size"}), args["image_size"]
+    model = build_model(model_cfg, WFLW98, size)
+    torch.save({"model": model.state_dict(), "ema": None, "model_args": model_args(model_cfg, WFLW98, size),
+                "config": {"data": {"image_size": size}, "train": {"precision": "fp32"}}}, path)
     return path
 
 

@@ -45,6 +45,7 @@ from structalign.data import AugmentConfig, make_loader, open_dataset  # noqa: E
 from structalign.data.batches import Batch  # noqa: E402
 from structalign.data.dali_pipeline import dali_available  # noqa: E402
 from structalign.engine.config import load_config  # noqa: E402
+from structalign.engine.config_schema import ModelConfig  # noqa: E402
 from structalign.engine.optim import build_optimizer  # noqa: E402
 from structalign.engine.precision import autocast_for  # noqa: E402
 from structalign.engine.train import train  # noqa: E402
@@ -116,7 +117,7 @@ def run_loop(case: str, data_root: str, data: str, steps: int, log_every: int, d
         wall = time.perf_counter() - start
     return {"case": case, "data": data, "threads": threads, "batch": batch, "steps": steps, "log_every": log_every,
             "precision": cfg.train.precision if device.type == "cuda" else "fp32", "compile": compile_model,
-            "images_per_s": result["images_per_s"], "data_wait_share": result["data_wait_share"], "wall_s": wall}
+            "images_per_s": result.images_per_s, "data_wait_share": result.data_wait_share, "wall_s": wall}
 
 
 def step_breakdown(data_root: str, case: str, loader_backend: str, steps: int, device: torch.device,
@@ -127,7 +128,7 @@ def step_breakdown(data_root: str, case: str, loader_backend: str, steps: int, d
     ds = open_dataset(data_root, fmt="wflw", split="train")
     loader = make_loader(ds, batch, train=True, device=device, image_size=size, backend=loader_backend,
                          num_threads=2, augment=AugmentConfig())
-    model = build_model("lgrn", backbone, ds.scheme, image_size=size, fused_layers=fused_layers).to(device).train()
+    model = build_model(ModelConfig(backbone=backbone), ds.scheme, size, fused_layers=fused_layers).to(device).train()
     criterion = build_criterion("soft_wing", relative="laplacian", scheme=ds.scheme).to(device)
     cfg = load_config("demo", check_data=False).optim
     optimizer = build_optimizer(model, cfg, cfg.lr)
@@ -175,7 +176,7 @@ def _ddp_worker(out_json: str, overrides: list) -> None:
     result = train(load_config("demo", overrides))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out_json, "w") as f:
-            json.dump({"images_per_s": result["images_per_s"], "steps": result["steps"]}, f)
+            json.dump({"images_per_s": result.images_per_s, "steps": result.steps}, f)
 
 
 def ddp_comparison(data_root: str, images: int, batch: int) -> list:

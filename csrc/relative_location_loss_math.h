@@ -11,7 +11,8 @@
 namespace structalign {
 namespace rll {
 
-// Integer codes of the schema's `criterion` and `reduction` arguments (structalign/ops/relative_location_loss.py).
+// Integer codes of the schema's `criterion` and `reduction` arguments: the index of each name in CRITERIA / REDUCTIONS
+// of structalign/ops/reference.py (tests/ops/test_op_codes.py checks that they agree).
 enum Criterion : int64_t { kSoftWing = 0, kL1 = 1, kMse = 2 };
 enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
 

@@ -21,14 +21,14 @@ USER_ERRORS = (StructalignError,)
 
 def _train(args) -> int:
     from structalign.engine.config import load_config
-    from structalign.engine.train import STOP_EXIT_CODES, train
+    from structalign.engine.stop_signals import STOP_EXIT_CODES
+    from structalign.engine.train import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)  # "auto": train.out_dir/last.pt as rank 0 finds it, else a new run
-    if result["best_nme"] is not None and result["is_main"]:
-        print(f"best validation NME {result['best_nme']:.3f}% (epoch {result['best_epoch']}): "
-              f"{result['best_checkpoint']}")
-    return STOP_EXIT_CODES[result["interrupted"]] if result["interrupted"] else 0
+    if result.best_nme is not None and result.is_main:
+        print(f"best validation NME {result.best_nme:.3f}% (epoch {result.best_epoch}): {result.best_checkpoint}")
+    return STOP_EXIT_CODES[result.interrupted] if result.interrupted else 0
 
 
 def _pct(value) -> str:

@@ -11,7 +11,8 @@ paper's code does, so mmpose's value is ours times 2N. The paper's constants (2,
 
 `build_criterion` makes the training criterion: absolute_weight * loss(pred, target) + relative_weight * the
 relative-location loss (the same element-wise loss on Laplacian coordinates, through
-structalign.ops.relative_location_loss). `visibility_loss` trains the visibility head on the labelled points.
+structalign.ops.relative_location_loss) + visibility_weight * `visibility_loss`, which trains the visibility head on
+the labelled points.
 """
 from __future__ import annotations
 
@@ -180,29 +181,35 @@ def laplacian_relations(scheme: LandmarkScheme) -> RelationSet:
 
 
 class LandmarkCriterion(nn.Module):
-    """absolute_weight * point_loss(pred, target) + relative_weight * relative-location loss.
+    """absolute_weight * point_loss(pred, target) + relative_weight * relative-location loss
+    + visibility_weight * visibility_loss(visibility_logits, visibility_labels).
 
-    forward(pred, target (Tensor[B, N, 2], pixels), visibility (Tensor[B, N] weights or None)) ->
-    (loss, {"absolute": Tensor, "relative": Tensor}) with the two terms detached (before weighting).
-    visibility weights both terms (a relation counts with the weights of its anchor and all its members).
+    forward(pred, target (Tensor[B, N, 2], pixels), point_weight (Tensor[B, N] or None), visibility_logits
+    (Tensor[B, N] or None: no visibility term), visibility_labels (Tensor[B, N], 1 / 0 / -1 unlabelled)) ->
+    (loss, {"absolute": Tensor, "relative": Tensor, "visibility": Tensor}) with the terms detached (before
+    weighting; visibility 0 without logits). point_weight weights the two point terms (a relation counts with the
+    weights of its anchor and all its members).
     """
 
     def __init__(self, point_loss: PointLoss, scheme, relative: str | None = "laplacian", relative_weight: float = 1.0,
-                 absolute_weight: float = 1.0, op_backend: str | None = None, check_targets: bool = True):
+                 absolute_weight: float = 1.0, op_backend: str | None = None, check_targets: bool = True,
+                 visibility_weight: float = 0.0):
         super().__init__()
         if relative not in ("laplacian", None):
             raise ValueError(f"relative must be 'laplacian' or None, got {relative!r}")
-        for name, value in (("relative_weight", relative_weight), ("absolute_weight", absolute_weight)):
+        for name, value in (("relative_weight", relative_weight), ("absolute_weight", absolute_weight),
+                            ("visibility_weight", visibility_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         check_op_backend(op_backend)
         self.point_loss, self.scheme = point_loss, resolve_scheme(scheme)
         self.relations = laplacian_relations(self.scheme) if relative else None
         self.relative_weight, self.absolute_weight = float(relative_weight), float(absolute_weight)
+        self.visibility_weight = float(visibility_weight)
         self.op_backend, self.check_targets = op_backend, check_targets
         self.name = next(k for k, v in POINT_LOSSES.items() if isinstance(point_loss, v))
 
-    def _check(self, pred, target, visibility):
+    def _check(self, pred, target, point_weight):
         n = self.scheme.num_points
         for name, t in (("pred", pred), ("target", target)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -218,52 +225,58 @@ class LandmarkCriterion(nn.Module):
         if self.check_targets and not torch.isfinite(target).all():
             b, k = torch.nonzero(~torch.isfinite(target))[0, :2].tolist()
             raise ValueError(f"target has NaN or infinite coordinates (image {b} of the batch, landmark {k})")
-        if visibility is not None:
-            if not isinstance(visibility, torch.Tensor) or visibility.shape != pred.shape[:2]:
-                raise ValueError(f"visibility must have shape {list(pred.shape[:2])}, "
-                                 f"got {list(getattr(visibility, 'shape', []))}")
+        if point_weight is not None:
+            if not isinstance(point_weight, torch.Tensor) or point_weight.shape != pred.shape[:2]:
+                raise ValueError(f"point_weight must have shape {list(pred.shape[:2])}, "
+                                 f"got {list(getattr(point_weight, 'shape', []))}")
 
-    def _relative(self, pred, target, visibility):
+    def _relative(self, pred, target, point_weight):
         if self.name in FUSED_CRITERIA and hasattr(self.point_loss, "op_params"):
-            return relative_location_loss(pred, target, self.relations, visibility, self.name,
+            return relative_location_loss(pred, target, self.relations, point_weight, self.name,
                                           reduction="mean", backend=self.op_backend, **self.point_loss.op_params())
         # Criteria the fused op lacks: the op gives |delta(pred) - delta(target)| per relation, the loss follows.
         residual = relative_location_loss(pred, target, self.relations, None, "l1", reduction="none",
                                           backend=self.op_backend)
         weight = None
-        if visibility is not None:
+        if point_weight is not None:
             anchor, indptr, member, _ = self.relations.tensors(pred.device)
-            weight = relation_weight_reference(visibility, anchor, indptr, member).unsqueeze(-1)
+            weight = relation_weight_reference(point_weight, anchor, indptr, member).unsqueeze(-1)
         return weighted_mean(self.point_loss.of_residual(residual), weight)
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, visibility: torch.Tensor | None = None):
-        self._check(pred, target, visibility)
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, point_weight: torch.Tensor | None = None,
+                visibility_logits: torch.Tensor | None = None, visibility_labels: torch.Tensor | None = None):
+        self._check(pred, target, point_weight)
         pred, target = pred.float(), target.float()
-        visibility = None if visibility is None else visibility.float()
+        point_weight = None if point_weight is None else point_weight.float()
         absolute = weighted_mean(self.point_loss.of_residual((pred - target).abs()),
-                                 None if visibility is None else visibility.unsqueeze(-1))
+                                 None if point_weight is None else point_weight.unsqueeze(-1))
         loss = self.absolute_weight * absolute
+        relative = visibility = absolute.new_zeros(())
         if self.relations is not None:
-            relative = self._relative(pred, target, visibility)
+            relative = self._relative(pred, target, point_weight)
             loss = loss + self.relative_weight * relative
-        else:
-            relative = absolute.new_zeros(())
-        return loss, {"absolute": absolute.detach(), "relative": relative.detach()}
+        if visibility_logits is not None:
+            visibility = visibility_loss(visibility_logits, visibility_labels)
+            loss = loss + self.visibility_weight * visibility
+        return loss, {"absolute": absolute.detach(), "relative": relative.detach(), "visibility": visibility.detach()}
 
     def extra_repr(self):
         return (f"scheme={self.scheme.name}, relative={'laplacian' if self.relations else None}, "
-                f"absolute_weight={self.absolute_weight}, relative_weight={self.relative_weight}")
+                f"absolute_weight={self.absolute_weight}, relative_weight={self.relative_weight}, "
+                f"visibility_weight={self.visibility_weight}")
 
 
 def build_criterion(name: str = "soft_wing", relative: str | None = "laplacian", relative_weight: float = 1.0,
                     scheme="wflw98", *, absolute_weight: float = 1.0, op_backend: str | None = None,
-                    check_targets: bool = True, **criterion_params) -> LandmarkCriterion:
+                    check_targets: bool = True, visibility_weight: float = 0.0,
+                    **criterion_params) -> LandmarkCriterion:
     """The training criterion from config values (defaults: the paper's Soft Wing 2 / 20 / 0.5 + Laplacian, 1 : 1).
 
     name: "soft_wing", "wing", "adaptive_wing", "l1" or "mse", with its parameters as keywords (e.g. omega1=2);
     relative: "laplacian" (the relative-location loss over scheme.relation_neighbors) or None; op_backend: backend
-    of the relative-location op (None = global default); check_targets: raise on NaN targets (one sync per call).
-    criterion(pred, target, visibility=None) -> (loss, {"absolute": Tensor, "relative": Tensor}).
+    of the relative-location op (None = global default); check_targets: raise on NaN targets (one sync per call);
+    visibility_weight: of the visibility head's loss. criterion(pred, target, point_weight=None,
+    visibility_logits=None, visibility_labels=None) -> (loss, {"absolute", "relative", "visibility": Tensor}).
     """
     return LandmarkCriterion(build_point_loss(name, **criterion_params), scheme, relative, relative_weight,
-                             absolute_weight, op_backend, check_targets)
+                             absolute_weight, op_backend, check_targets, visibility_weight)

@@ -5,7 +5,8 @@ import torch
 from structalign.engine.checkpoint import save_checkpoint
 from structalign.engine.finetune import init_from_checkpoint
 from structalign.landmarks import WFLW98
-from structalign.models import build_model
+
+from model_helpers import make_model
 
 TINY = dict(arch="lgrn", backbone="resnet18", image_size=64, head_width=16, num_blocks=1, backbone_width=8,
             op_backend="reference")
@@ -14,7 +15,7 @@ TINY = dict(arch="lgrn", backbone="resnet18", image_size=64, head_width=16, num_
 def _trained(scheme, seed: int):
     """A model with every entry moved away from its initialisation, as a trained one would be."""
     torch.manual_seed(seed)
-    model = build_model(scheme=scheme, **TINY)
+    model = make_model(scheme=scheme, **TINY)
     with torch.no_grad():
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
@@ -32,7 +33,7 @@ def _checkpoint(tmp_path, model, scheme, ema=None) -> str:
 def test_same_scheme_transfers_everything_and_prefers_ema(tmp_path):
     source, averaged = _trained("wflw98", 0), _trained("wflw98", 1)
     path = _checkpoint(tmp_path, source, "wflw98", ema={"module": averaged.state_dict(), "decay": 0.9, "updates": 3})
-    target = build_model(scheme="wflw98", **TINY)
+    target = make_model(scheme="wflw98", **TINY)
     transfer = init_from_checkpoint(target, path)
     assert transfer.weights == "ema" and transfer.skipped == []
     for key, value in averaged.state_dict().items():
@@ -43,7 +44,7 @@ def test_same_scheme_transfers_everything_and_prefers_ema(tmp_path):
 def test_other_point_count_keeps_backbone_and_graph_convs_and_reinitialises_point_layers(tmp_path):
     source = _trained("wflw98", 0)
     path = _checkpoint(tmp_path, source, "wflw98")
-    target = build_model(scheme="300w68", **TINY)
+    target = make_model(scheme="300w68", **TINY)
     fresh = {k: v.clone() for k, v in target.state_dict().items()}
     transfer = init_from_checkpoint(target, path)
     skipped = dict(transfer.skipped)
@@ -61,7 +62,7 @@ def test_another_scheme_with_the_same_point_count_does_not_inherit_point_indexed
     mine = dict(WFLW98.to_dict(), name="my98")
     source = _trained("wflw98", 0)
     path = _checkpoint(tmp_path, source, "wflw98")
-    target = build_model(scheme=mine, **TINY)
+    target = make_model(scheme=mine, **TINY)
     transfer = init_from_checkpoint(target, path)
     skipped = dict(transfer.skipped)
     assert set(skipped) == set(target.point_indexed_keys())
@@ -72,14 +73,14 @@ def test_another_scheme_with_the_same_point_count_does_not_inherit_point_indexed
 
 
 def test_the_per_image_relation_learner_output_is_edge_indexed():
-    model = build_model(scheme="wflw98", **dict(TINY, adjacency="dynamic"))
+    model = make_model(scheme="wflw98", **dict(TINY, adjacency="dynamic"))
     keys = set(model.point_indexed_keys())
     assert {"head.relation_learner.net.3.weight", "head.relation_learner.net.3.bias"} <= keys
     assert not any(k.startswith("head.relation_learner.net.0") for k in keys)
 
 
 def test_init_from_a_missing_or_foreign_file(tmp_path):
-    target = build_model(scheme="wflw98", **TINY)
+    target = make_model(scheme="wflw98", **TINY)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         init_from_checkpoint(target, str(tmp_path / "nope.pt"))
     torch.save({"weights": 1}, tmp_path / "foreign.pt")

@@ -121,7 +121,7 @@ def test_bad_input():
     target[1, 5, 0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or infinite coordinates \(image 1 of the batch, landmark 5\)"):
         criterion(torch.rand(2, 98, 2), target)
-    with pytest.raises(ValueError, match=r"visibility must have shape \[2, 98\]"):
+    with pytest.raises(ValueError, match=r"point_weight must have shape \[2, 98\]"):
         criterion(torch.rand(2, 98, 2), torch.rand(2, 98, 2), torch.ones(2, 68))
     with pytest.raises(ValueError, match="no parameter 'omega'"):
         build_criterion("soft_wing", omega=3)

@@ -13,7 +13,9 @@ from structalign.data.synth import TEMPLATE
 from structalign.landmarks import (SCHEME_DIR, SCHEMES, WFLW98, SchemeError, knn_neighbors, load_scheme,
                                    propose_flip, propose_scheme, resolve_scheme, scheme_from_dict, scheme_yaml)
 from structalign.losses import laplacian_relations
-from structalign.models import build_model, message_graph
+from structalign.models import message_graph
+
+from model_helpers import make_model
 
 
 def _mirror(first: int, last: int) -> list:
@@ -154,8 +156,8 @@ def test_a_custom_scheme_with_derived_graph_and_relations():
     explicit = scheme_from_dict(_kite())
     assert explicit.relation_neighbors == ((1,), (2,), (3,), (4,), (5,), (0,))
     assert knn_neighbors(SQUARE, 1) == ((4,), (4,), (5,), (5,), (0,), (2,))
-    model = build_model("lgrn", "resnet18", scheme, image_size=64, head_width=16, num_blocks=1, backbone_width=8,
-                        op_backend="reference")
+    model = make_model(scheme, 64, arch="lgrn", backbone="resnet18", head_width=16, num_blocks=1, backbone_width=8,
+                       op_backend="reference")
     assert model(torch.rand(1, 3, 64, 64))[0].shape == (1, 6, 2)
     with pytest.raises(SchemeError, match="k must be"):
         knn_neighbors(SQUARE, 6)

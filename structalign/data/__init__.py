@@ -9,7 +9,7 @@
 from structalign.data.augment import CROP_PADDING, NORM_MEAN, NORM_STD, AugmentConfig, invert_affine
 from structalign.data.batches import Batch
 from structalign.data.datasets import open_dataset, split_validation
-from structalign.data.loader import make_loader
+from structalign.data.loader import make_loader, mean_crop_landmarks
 from structalign.data.records import (OCCLUDED, UNLABELLED, VISIBLE, DatasetError, FaceDataset, FaceRecord, Problem,
                                       Skipped, write_skipped)
 
@@ -29,6 +29,7 @@ __all__ = [
     "Skipped",
     "invert_affine",
     "make_loader",
+    "mean_crop_landmarks",
     "open_dataset",
     "split_validation",
     "write_skipped",

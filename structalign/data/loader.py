@@ -1,6 +1,8 @@
 """make_loader: the one entry point from a FaceDataset to batches on the training device."""
 from typing import Optional
 
+import numpy as np
+
 from structalign.data.augment import CROP_PADDING, AugmentConfig
 from structalign.data.records import FaceDataset
 from structalign.data.reference_pipeline import ReferenceLoader
@@ -40,3 +42,14 @@ def make_loader(ds: FaceDataset, batch_size: int, train: bool, device, image_siz
     if backend == "reference":
         return ReferenceLoader(ds, batch_size, train, device, num_threads=num_threads, **options)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def mean_crop_landmarks(loader, max_images: int = 512) -> np.ndarray:
+    """Mean landmarks (ndarray[N, 2], crop pixels) over the first max_images of an un-augmented loader."""
+    total, count = 0.0, 0
+    for batch in loader.epoch(0):
+        total = total + batch.landmarks.double().sum(dim=0)
+        count += batch.landmarks.shape[0]
+        if count >= max_images:
+            break
+    return (total / count).float().cpu().numpy()

@@ -2,8 +2,8 @@
 fsync, os.replace, fsync of the directory) and loaded without executing pickled code.
 
 A checkpoint is a dict of tensors and plain Python values:
-    model, ema (state dicts of the uncompiled, unwrapped modules; ema may be None), model_args (the architecture
-    keys of build_model: no weights file, no op backend), optimizer, scheduler, scaler (state dicts), epoch, batch
+    model, ema (state dicts of the uncompiled, unwrapped modules; ema may be None), model_args (the architecture:
+    model_args()), optimizer, scheduler, scaler (state dicts), epoch, batch
     (the next batch of that epoch), step, best_nme, best_epoch, rng (per rank: CPU/CUDA torch, numpy, python
     states), config (Config.to_dict()).
 """
@@ -20,14 +20,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pydantic import ValidationError
+
+from structalign.engine.config import Config, ConfigError
+from structalign.engine.config_schema import ARCHITECTURE_FIELDS, ModelConfig
+from structalign.engine.distributed import DistEnv, all_reduce_sum, from_main
 from structalign.errors import InputError, MissingFileError
+from structalign.landmarks import LandmarkScheme, resolve_scheme
 from structalign.models import build_model, from_old_backbone_keys
 
-# The build_model keywords that define a checkpoint's modules. Older checkpoints also stored backbone_weights (a
-# file only needed to initialise a run) and op_backend (how to run, not what): both are ignored when loading.
-ARCHITECTURE_KEYS = ("arch", "backbone", "scheme", "image_size", "head_width", "num_blocks", "adjacency",
-                     "map_to_node", "backbone_width", "bn_momentum", "fc_width", "visibility_head", "visibility_gate")
-# Checkpoints whose model_args lack these keys hold no visibility modules.
+# Settings the data position of a checkpoint depends on (batches per epoch, sample order, validation split).
+RESUME_FIXED = ("train.batch_size", "train.accumulate", "train.seed", "data.val_fraction")
+# What older checkpoints that lack these model_args keys were built with (the other architecture fields they lack take
+# the config's defaults, which build_model's were): no visibility modules.
 OLDER_ARCHITECTURE = {"visibility_head": False, "visibility_gate": False}
 TEMPORARY_PATTERN = ".tmp-*.pt"
 
@@ -40,9 +45,75 @@ class CheckpointNotFoundError(CheckpointError, MissingFileError):
     """A checkpoint path that does not exist."""
 
 
-def architecture(model_args: dict) -> dict:
-    """The architecture keys of a checkpoint's model_args (what build_model needs to rebuild its modules)."""
-    return {**OLDER_ARCHITECTURE, **{k: v for k, v in model_args.items() if k in ARCHITECTURE_KEYS}}
+def model_args(model_cfg: ModelConfig, scheme: LandmarkScheme, image_size: int) -> dict:
+    """A checkpoint's model_args, what rebuilds its modules: the config's architecture fields, the scheme's content
+    (a checkpoint needs no scheme file) and the side the network runs at."""
+    return {**model_cfg.model_dump(include=set(ARCHITECTURE_FIELDS)), "scheme": scheme.to_dict(),
+            "image_size": image_size}
+
+
+def architecture(saved_args: dict) -> dict:
+    """A checkpoint's model_args as model_args() writes them: the keys older checkpoints lack filled in, and the keys
+    they had that are not the architecture (backbone_weights, op_backend) left out."""
+    keys = (*ARCHITECTURE_FIELDS, "scheme", "image_size")
+    return {**ModelConfig().model_dump(include=set(ARCHITECTURE_FIELDS)), **OLDER_ARCHITECTURE,
+            **{k: v for k, v in saved_args.items() if k in keys}}
+
+
+def build_from_args(saved_args: dict, op_backend: str | None = None) -> torch.nn.Module:
+    """The (untrained) model a checkpoint's model_args describe; op_backend: backend of the graph op."""
+    args = architecture(saved_args)
+    missing = [k for k in ("scheme", "image_size") if k not in args]
+    if missing:
+        raise CheckpointError(f"the checkpoint's model_args lack {missing}")
+    try:
+        model_cfg = ModelConfig(**{k: args[k] for k in ARCHITECTURE_FIELDS}, op_backend=op_backend)
+    except ValidationError as exc:
+        why = exc.errors()[0]
+        raise CheckpointError(f"the checkpoint's model_args do not describe a model: {why['loc']}: {why['msg']}") \
+            from None
+    return build_model(model_cfg, resolve_scheme(args["scheme"]), args["image_size"])
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"seed": 0}} -> {"train.seed": 0}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not prefix:
+            out.update(_flat(value, f"{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_resume(saved: dict, cfg: Config, scheme: LandmarkScheme, world_size: int, path: str) -> list:
+    """ConfigError when checkpoint `saved` cannot continue the run of cfg on data of this scheme; else a warning line
+    per changed setting (the run goes on with this config's value)."""
+    old_args = architecture(saved["model_args"])
+    old_scheme, new_scheme = resolve_scheme(old_args.pop("scheme")), scheme
+    args = {k: v for k, v in model_args(cfg.model, scheme, cfg.data.image_size).items() if k != "scheme"}
+    if old_scheme != new_scheme:
+        raise ConfigError(f"--resume {path}: the checkpoint's landmark scheme {old_scheme.name} "
+                          f"({old_scheme.num_points} points) differs from the data's {new_scheme.name} "
+                          f"({new_scheme.num_points} points); fine-tune with model.init_from instead")
+    if old_args != args:
+        diff = ", ".join(f"{k} {old_args.get(k)!r} -> {args.get(k)!r}" for k in args if old_args.get(k) != args[k])
+        raise ConfigError(f"--resume {path}: the checkpoint holds a different model ({diff}); resume with the "
+                          f"checkpoint's model settings or start a new run")
+    old, new = _flat(saved["config"]), _flat(cfg.to_dict())
+    where = f"epoch {saved['epoch']}, batch {saved['batch']}"
+    for key in RESUME_FIXED:
+        if old.get(key) != new[key]:
+            raise ConfigError(f"--resume {path}: {key} changed from {old.get(key)!r} to {new[key]!r}, but the "
+                              f"checkpoint's data position ({where}) depends on it; resume with "
+                              f"{key}={old.get(key)!r} or start a new run")
+    saved_world = len(saved["rng"])
+    if saved_world != world_size:
+        raise ConfigError(f"--resume {path}: the checkpoint was written by {saved_world} process(es), this run has "
+                          f"{world_size}; the data shards and the global batch depend on it")
+    return [f"{key} changed from {old[key]!r} to {value!r} (this run's value is used)" if key in old else
+            f"{key} is not in the checkpoint's config (an older version); this run uses {value!r}"
+            for key, value in new.items() if old.get(key, object()) != value]
 
 
 def remove_stale_temporaries(directory: str) -> list:
@@ -109,6 +180,27 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return state
 
 
+def resumed_checkpoint(resume: str | None, out_dir: str, env: DistEnv) -> dict | None:
+    """The checkpoint a run continues from (the same file on every rank), its path under "path"; None for a new run.
+    resume: a path, "auto" (out_dir/last.pt where rank 0 finds it, else a new run) or None."""
+    if resume == "auto":  # rank 0 decides, so that every rank continues from the same checkpoint
+        last = os.path.join(out_dir, "last.pt")
+        resume = from_main(last if os.path.isfile(last) else None, env)
+        if env.is_main:
+            print(f"--resume auto: {'continuing from ' + last if resume else 'no ' + last + ' yet, starting the run'}",
+                  flush=True)
+    if resume is None:
+        return None
+    saved = load_checkpoint(resume, map_location=env.device)
+    saved["path"] = resume
+    if env.distributed:  # one train.out_dir that all nodes share
+        step = torch.tensor([saved["step"]], device=env.device)
+        if all_reduce_sum(step, env).item() != saved["step"] * env.world_size:
+            raise ConfigError(f"--resume {resume}: rank {env.rank} reads step {saved['step']} there and another rank a "
+                              f"different step; train.out_dir must be one folder that every node shares")
+    return saved
+
+
 def model_from_checkpoint(path: str, weights: str = "ema", op_backend: str | None = None,
                           device="cpu") -> tuple[torch.nn.Module, dict]:
     """The model of a checkpoint in eval mode, with its EMA weights where it has them (weights="ema") or the raw
@@ -117,7 +209,7 @@ def model_from_checkpoint(path: str, weights: str = "ema", op_backend: str | Non
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     state = load_checkpoint(path, map_location=device)
-    model = build_model(**architecture(state["model_args"]), op_backend=op_backend)
+    model = build_from_args(state["model_args"], op_backend)
     if weights == "ema" and state.get("ema") is not None:
         model.load_state_dict(state["ema"]["module"])
     else:

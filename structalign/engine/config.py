@@ -98,3 +98,14 @@ def check_data_root(cfg: Config) -> None:
     if not os.path.isdir(cfg.data.root):
         raise ConfigError(f"data.root: {cfg.data.root!r} is not a directory (render the built-in data with "
                           f"`structalign data synth {cfg.data.root}` or point data.root at your dataset)")
+
+
+def check_paths(cfg: Config, resume: str | None) -> None:
+    """ConfigError naming the first path of a training run (data, checkpoints, output folder) that cannot be used."""
+    check_data_root(cfg)
+    if resume not in (None, "auto") and not os.path.isfile(resume):
+        raise ConfigError(f"--resume: checkpoint {resume!r} does not exist")
+    if cfg.model.init_from is not None and not os.path.isfile(cfg.model.init_from):
+        raise ConfigError(f"model.init_from: checkpoint {cfg.model.init_from!r} does not exist")
+    if os.path.exists(cfg.train.out_dir) and not os.path.isdir(cfg.train.out_dir):
+        raise ConfigError(f"train.out_dir: {cfg.train.out_dir!r} exists and is not a directory")

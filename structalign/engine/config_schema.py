@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 from structalign.data import AugmentConfig
 from structalign.errors import StructalignError
 from structalign.losses import POINT_LOSSES
+from structalign.models.resnet import ARCHS
 
 Int, Float = Annotated[int, Strict()], Annotated[float, Strict()]  # no bools, no strings, no 2.0 for an int
 
@@ -64,27 +65,36 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["lgrn", "fc"] = "lgrn"
-    backbone: str = "resnet34"
+    """What the model is, its architecture (every field but RUN_SETTINGS: a checkpoint stores them, with the scheme
+    and data.image_size, to rebuild its modules; structalign.models.build_model reads them), and how a run starts
+    and runs it (RUN_SETTINGS)."""
+
+    arch: Literal["lgrn", "fc"] = "lgrn"  # map-to-node + L-GRN head | the FC-regression baseline
+    backbone: Literal[tuple(ARCHS)] = "resnet34"
     head_width: Int = Field(128, gt=0)
     num_blocks: Int = Field(4, ge=0)
     adjacency: Literal["static", "dynamic"] = "static"
     map_to_node: Literal["base", "multiscale"] = "base"
     backbone_width: Int = Field(64, gt=0)  # stage-1 channels
-    bn_momentum: Float = Field(0.1, gt=0)  # backbone BatchNorm (the paper's code used 0.01)
+    bn_momentum: Float = Field(0.1, gt=0, le=1)  # backbone BatchNorm (the paper's code used 0.01)
     fc_width: Int = Field(256, gt=0)  # hidden width of the FC baseline
-    backbone_weights: str | None = None
+    visibility_head: StrictBool = True  # predict P(visible) per landmark (trained on the data's visibility labels)
+    visibility_gate: StrictBool = False  # L-GRN: scale each neighbour's edge weight by its P(visible)^learned
+    backbone_weights: str | None = None  # a new run's backbone initialisation (a local state_dict file)
     init_from: str | None = None  # fine-tune: start from this checkpoint's trained model (not a resume)
     op_backend: Literal[None, "auto", "reference", "cpp", "triton"] = None  # None: the global default
     init_mean_shape: StrictBool = True  # start the learned shape prior at the training set's mean shape
-    visibility_head: StrictBool = True  # predict P(visible) per landmark (trained on the data's visibility labels)
-    visibility_gate: StrictBool = False  # L-GRN: scale each neighbour's edge weight by its P(visible)^learned
 
     @model_validator(mode="after")
     def _gate_needs_its_inputs(self):
         if self.visibility_gate and (self.arch != "lgrn" or not self.visibility_head):
             raise ValueError("visibility_gate needs arch=lgrn and visibility_head=true")
         return self
+
+
+# The ModelConfig fields that say how a run starts or runs the model, not what it is (not in checkpoints).
+RUN_SETTINGS = ("backbone_weights", "init_from", "op_backend", "init_mean_shape")
+ARCHITECTURE_FIELDS = tuple(name for name in ModelConfig.model_fields if name not in RUN_SETTINGS)
 
 
 def _loss_params(loss: type) -> type[Section]:

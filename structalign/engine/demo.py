@@ -39,14 +39,14 @@ def run_demo(data_dir: str = "data/synth-demo", out_dir: str = "runs/demo", over
           flush=True)
     result = train(cfg)
     train_s = time.perf_counter() - start - render_s
-    checkpoint = result["best_checkpoint"] or result["last_checkpoint"]
+    checkpoint = result.best_checkpoint or result.last_checkpoint
     test = evaluate_checkpoint(checkpoint, data_dir, fmt=cfg.data.format, split=cfg.data.test_split,
                                out_dir=os.path.join(out_dir, "test"), batch_size=cfg.train.eval_batch_size,
                                loader=cfg.data.loader, device=cfg.train.device)
     total_s = time.perf_counter() - start
     s = test["summary"]
-    report = {"data": data_dir, "checkpoint": checkpoint, "config": cfg.to_dict(), "train_steps": result["steps"],
-              "train_images_per_s": result["images_per_s"], "best_val_nme": result["best_nme"],
+    report = {"data": data_dir, "checkpoint": checkpoint, "config": cfg.to_dict(), "train_steps": result.steps,
+              "train_images_per_s": result.images_per_s, "best_val_nme": result.best_nme,
               "test": test["summary"], "subsets": test["subsets"], "overlays": test["overlays"],
               "ced": os.path.join(out_dir, "test", "ced.png"),
               "seconds": {"render": round(render_s, 1), "train": round(train_s, 1), "total": round(total_s, 1)}}
@@ -54,8 +54,8 @@ def run_demo(data_dir: str = "data/synth-demo", out_dir: str = "runs/demo", over
         json.dump(report, f, indent=1)
     m = cfg.model
     lines = ["# structalign demo", "",
-             f"{m.arch} ({m.backbone}, {cfg.data.image_size} px) trained {result['steps']} steps on {data_dir} "
-             f"in {train_s:.0f} s ({result['images_per_s'] or 0:.1f} img/s); whole demo {total_s:.0f} s.", "",
+             f"{m.arch} ({m.backbone}, {cfg.data.image_size} px) trained {result.steps} steps on {data_dir} "
+             f"in {train_s:.0f} s ({result.images_per_s or 0:.1f} img/s); whole demo {total_s:.0f} s.", "",
              "| held-out test | NME % | FR@0.1 % | AUC@0.1 |", "|---|---|---|---|",
              f"| {s['images']} images | {s['nme']:.3f} | {s['fr']:.2f} | {s['auc']:.4f} |", "",
              *occlusion_lines(s),

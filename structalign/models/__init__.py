@@ -1,7 +1,8 @@
 """Face-alignment models: ResNet backbones, map-to-node necks, the L-GRN head and the FC baseline.
 
     from structalign.models import build_model
-    model = build_model("lgrn", "resnet34", "wflw98", image_size=256)    # model(images) -> Tensor[B, 98, 2] (px)
+    model = build_model(ModelConfig(), WFLW98, 256)    # (structalign.engine.config_schema, structalign.landmarks)
+    points, visibility_logits = model(images)         # Tensor[B, 98, 2] (px), Tensor[B, 98]
 """
 from structalign.models.build import build_model
 from structalign.models.fc import FCHead

@@ -9,6 +9,9 @@ import math
 
 import torch
 
+# The relative-location loss's criteria and reductions; a name's index is its integer code in the C++ / CUDA op
+# (csrc/relative_location_loss_math.h) and the Triton kernels (kernels/relative_location_loss.py), whose copies
+# tests/ops/test_op_codes.py checks.
 CRITERIA = ("soft_wing", "l1", "mse")
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -248,7 +248,7 @@ def test_a_resumed_run_keeps_the_images_its_loaders_found_bad(root, tmp_path):
     first = train(config_from_dict(raw))
     listed = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
     assert listed[0] == "# 0 skipped: none" and listed[1].startswith("corrupt image\t")
-    train(config_from_dict(raw), resume=first["last_checkpoint"])  # nothing left to train: the list must stay
+    train(config_from_dict(raw), resume=first.last_checkpoint)  # nothing left to train: the list must stay
     assert (tmp_path / "run" / "skipped.txt").read_text().splitlines() == listed
 
 
@@ -260,7 +260,7 @@ def test_crop_padding_and_out_of_crop_reach_the_loss(root, tmp_path):
     for padding, out_of_crop in ((0.7, "supervise"), (0.7, "ignore"), (CROP_PADDING, "supervise")):
         raw = _config(root, tmp_path / f"{padding}-{out_of_crop}", crop_padding=padding, out_of_crop=out_of_crop)
         raw["train"].update(epochs=1, eval_every=5)
-        first[padding, out_of_crop] = train(config_from_dict(raw))["losses"][0]
+        first[padding, out_of_crop] = train(config_from_dict(raw)).losses[0]
     assert len(set(first.values())) == 3
 
     ds = open_dataset(str(root), "wflw", "train")
@@ -302,7 +302,7 @@ def test_evaluation_crops_as_the_checkpoint_was_trained(root, tmp_path):
 
     raw = _config(root, tmp_path / "run", crop_padding=1.2, face_box="landmarks")
     raw["train"]["eval_every"] = 5
-    checkpoint = train(config_from_dict(raw))["last_checkpoint"]
+    checkpoint = train(config_from_dict(raw)).last_checkpoint
     got = evaluate_checkpoint(checkpoint, str(root), batch_size=8, device="cpu")["summary"]["nme"]
     model, _ = model_from_checkpoint(checkpoint)
     env = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False)

@@ -27,7 +27,7 @@ def trained98(synth_root, tmp_path_factory):
     """A 1-epoch 98-point run (its best.pt)."""
     out = tmp_path_factory.mktemp("run98")
     result = train(tiny_config(synth_root, str(out), train={"epochs": 1}))
-    return result["best_checkpoint"]
+    return result.best_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_fine_tuning_on_98_point_data_starts_from_the_trained_model(trained98, s
     assert set(started) == set(source)
     for key, value in source.items():
         torch.testing.assert_close(started[key], value, rtol=0, atol=0, msg=key)
-    assert not torch.equal(result["model"].state_dict()["shape_prior"], source["shape_prior"])  # then it trained
+    assert not torch.equal(result.model.state_dict()["shape_prior"], source["shape_prior"])  # then it trained
 
 
 def test_fine_tuning_a_98_point_model_on_68_point_data(trained98, list68, tmp_path, capsys):
@@ -72,10 +72,10 @@ def test_fine_tuning_a_98_point_model_on_68_point_data(trained98, list68, tmp_pa
     out = capsys.readouterr().out
     assert "re-initialised (shape differs): shape_prior" in out
     source = load_checkpoint(trained98)["ema"]["module"]
-    assert result["model"].scheme.num_points == 68
-    assert not torch.equal(result["model"].state_dict()["backbone.conv1.weight"], source["backbone.conv1.weight"])
+    assert result.model.scheme.num_points == 68
+    assert not torch.equal(result.model.state_dict()["backbone.conv1.weight"], source["backbone.conv1.weight"])
     # The checkpoint carries the 68-point scheme's content and nothing of the run's files is needed to evaluate it.
-    saved = load_checkpoint(result["best_checkpoint"])
+    saved = load_checkpoint(result.best_checkpoint)
     assert resolve_scheme(saved["model_args"]["scheme"]).num_points == 68
     assert isinstance(saved["model_args"]["scheme"], dict) and "backbone_weights" not in saved["model_args"]
 
@@ -87,7 +87,7 @@ def test_a_checkpoint_travels_without_its_config_data_or_scheme_file(synth_root,
     result = train(tiny_config(synth_root, str(run), train={"epochs": 1}, data={"scheme": str(scheme_file)}))
     moved = tmp_path / "elsewhere" / "best.pt"
     moved.parent.mkdir()
-    shutil.copy(result["best_checkpoint"], moved)
+    shutil.copy(result.best_checkpoint, moved)
     shutil.rmtree(run)
     os.remove(scheme_file)
     model, state = model_from_checkpoint(str(moved))

@@ -177,7 +177,7 @@ def _in_process_worker(rank: int, port: int, config: str, out: str):
 
     with open(os.path.join(out, f"rank{rank}.log"), "w") as log, contextlib.redirect_stdout(log):
         result = train(load_config(config, [f"train.out_dir={out}"]))
-    torch.save({"losses": result["losses"], "model": result["model"].state_dict(), "ema": result["ema"].state_dict()},
+    torch.save({"losses": result.losses, "model": result.model.state_dict(), "ema": result.ema.state_dict()},
                os.path.join(out, f"result{rank}.pt"))
 
 

@@ -18,7 +18,8 @@ from torch.overrides import TorchFunctionMode
 import structalign.engine.train as train_module
 from structalign.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from structalign.engine.config import ConfigError
-from structalign.engine.train import NonFiniteLossError, train
+from structalign.engine.runlog import NonFiniteLossError
+from structalign.engine.train import train
 from structalign.errors import StructalignError
 from structalign.models.resnet import ResNet
 
@@ -34,7 +35,7 @@ def uninterrupted(synth_root, tmp_path_factory):
 
 def test_interrupted_and_resumed_run_repeats_the_loss_sequence(synth_root, uninterrupted, tmp_path):
     _, full = uninterrupted
-    assert full["steps"] == 6 and len(full["losses"]) == 6
+    assert full.steps == 6 and len(full.losses) == 6
 
     def ctrl_c_after_step_3(step):
         if step == 3:
@@ -44,24 +45,24 @@ def test_interrupted_and_resumed_run_repeats_the_loss_sequence(synth_root, unint
     handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     # Ctrl-C between steps 3 and 4: step 4, the one in progress, completes; then a checkpoint is saved.
     first = train(cfg, on_step=ctrl_c_after_step_3)
-    assert first["interrupted"] and first["steps"] == 4
-    state = load_checkpoint(first["last_checkpoint"])
+    assert first.interrupted and first.steps == 4
+    state = load_checkpoint(first.last_checkpoint)
     assert (state["epoch"], state["batch"], state["step"]) == (1, 1, 4)  # mid-epoch: epoch 1 after its first batch
     assert signal.getsignal(signal.SIGINT) is handler
-    second = train(cfg, resume=first["last_checkpoint"])
-    assert first["losses"] + second["losses"] == full["losses"]
-    for a, b in zip(full["model"].state_dict().values(), second["model"].state_dict().values()):
+    second = train(cfg, resume=first.last_checkpoint)
+    assert first.losses + second.losses == full.losses
+    for a, b in zip(full.model.state_dict().values(), second.model.state_dict().values()):
         assert torch.equal(a, b)
-    for a, b in zip(full["ema"].state_dict().values(), second["ema"].state_dict().values()):
+    for a, b in zip(full.ema.state_dict().values(), second.ema.state_dict().values()):
         assert torch.equal(a, b)
 
 
 def test_validation_log_and_best_checkpoint(uninterrupted):
     out, full = uninterrupted
-    assert [v["epoch"] for v in full["val"]] == [0, 1]
-    assert full["best_nme"] == min(v["val_nme"] for v in full["val"]) and full["best_nme"] > 0
+    assert [v["epoch"] for v in full.val] == [0, 1]
+    assert full.best_nme == min(v["val_nme"] for v in full.val) and full.best_nme > 0
     best = load_checkpoint(os.path.join(out, "best.pt"))
-    assert best["epoch"] == full["best_epoch"] + 1 and best["config"]["train"]["out_dir"] == out
+    assert best["epoch"] == full.best_epoch + 1 and best["config"]["train"]["out_dir"] == out
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert len([r for r in records if "val_nme" in r]) == 2
@@ -106,8 +107,8 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str):
                                         "log_every": 2})
     with open(os.path.join(out, f"rank{rank}.log"), "w") as log, contextlib.redirect_stdout(log):
         result = train(cfg, on_step=sigterm_on_rank_1)
-    flat = torch.cat([p.detach().flatten() for p in result["model"].parameters()])
-    torch.save({"params": flat, "losses": result["losses"], "interrupted": result["interrupted"]},
+    flat = torch.cat([p.detach().flatten() for p in result.model.parameters()])
+    torch.save({"params": flat, "losses": result.losses, "interrupted": result.interrupted},
                os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -131,8 +132,8 @@ def test_bf16_training_on_cuda_with_the_dali_loader(synth_root, tmp_path):
     cfg = tiny_config(synth_root, str(tmp_path), data={"loader": "dali", "num_threads": 2},
                       train={"device": "cuda", "precision": "bf16", "epochs": 1})
     result = train(cfg)
-    assert len(result["losses"]) == 3 and all(math.isfinite(v) for v in result["losses"])
-    assert next(result["model"].parameters()).is_cuda and result["val"][0]["val_nme"] > 0
+    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
+    assert next(result.model.parameters()).is_cuda and result.val[0]["val_nme"] > 0
 
 
 # ---- no host synchronisation inside the step ---------------------------------------------------------------------
@@ -198,11 +199,11 @@ def test_no_host_sync_inside_steps_between_log_steps(synth_root, tmp_path, monke
 
     with watched_train_loader(monkeypatch, fetch), counter:
         result = train(cfg)
-    assert result["steps"] == 8 and counter.window == 8
+    assert result.steps == 8 and counter.window == 8
     sync_steps = {3, 4, 6, 8}
     assert {step for step in counter.reads if step not in sync_steps} == set(), counter.reads
     assert set(counter.reads) == sync_steps  # the check sees the reads where they belong
-    assert len(result["losses"]) == 8 and all(math.isfinite(v) for v in result["losses"])
+    assert len(result.losses) == 8 and all(math.isfinite(v) for v in result.losses)
 
 
 @pytest.mark.gpu
@@ -231,7 +232,7 @@ def test_no_cuda_sync_inside_steps_between_log_steps(synth_root, tmp_path, monke
             result = train(cfg)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert result["steps"] == 8 and all(math.isfinite(v) for v in result["losses"])
+    assert result.steps == 8 and all(math.isfinite(v) for v in result.losses)
 
 
 # ---- non-finite values --------------------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def test_resume_keeps_each_step_once_in_the_log_and_removes_stale_temporaries(sy
     before = [json.loads(line) for line in open(run / "log.jsonl")]
     assert [r["step"] for r in before if "loss" in r] == [1, 2, 3, 4, 5, 6]
     second = train(tiny_config(synth_root, str(run), train={"save_every": 1}), resume=str(run / "step4.pt"))
-    assert second["losses"] == full["losses"][4:]
+    assert second.losses == full.losses[4:]
     records = [json.loads(line) for line in open(run / "log.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["epoch"] for r in records if "val_nme" in r] == [0, 1]
@@ -328,7 +329,7 @@ def test_resume_with_another_op_backend_and_without_the_backbone_weights_file(sy
     assert "backbone_weights" not in state["model_args"] and "op_backend" not in state["model_args"]
     resumed = tiny_config(synth_root, str(out), model={"backbone_weights": str(weights), "op_backend": "reference"},
                           train={"epochs": 2})
-    assert train(resumed, resume=str(out / "last.pt"))["steps"] == 6
+    assert train(resumed, resume=str(out / "last.pt")).steps == 6
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -358,7 +359,7 @@ def test_resume_with_a_new_lr_warns_and_uses_it(synth_root, finished_run, tmp_pa
     out = capsys.readouterr().out
     assert "resume: optim.lr changed from 0.002 to 0.004 (this run's value is used)" in out
     assert "resume: train.epochs changed from 2 to 3" in out and "resume: optim.schedule changed from 'cosine'" in out
-    assert result["steps"] == 9
+    assert result.steps == 9
     state = load_checkpoint(str(run / "last.pt"))
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(4e-3)]
 
@@ -374,7 +375,7 @@ def test_tensorboard_scalars_beside_the_log(uninterrupted):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait", "val/nme", "val/fr", "val/auc"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
-    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(full["losses"], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(full.losses, rel=1e-6)
 
 
 @pytest.mark.slow
@@ -382,7 +383,7 @@ def test_compiled_model_trains_like_eager(synth_root, uninterrupted, tmp_path):
     """train.compile=true: the whole model under torch.compile(fullgraph=True), the custom ops included."""
     _, eager = uninterrupted
     result = train(tiny_config(synth_root, str(tmp_path), train={"compile": True, "epochs": 1}))
-    assert result["losses"] == pytest.approx(eager["losses"][:3], rel=1e-3)
+    assert result.losses == pytest.approx(eager.losses[:3], rel=1e-3)
 
 
 def test_progress_bar_on_a_terminal_shows_rate_and_loss(synth_root, tmp_path, monkeypatch):
@@ -411,8 +412,8 @@ def test_visibility_head_learns_from_the_labels_and_validation_scores_it(uninter
     assert all(r["visibility"] > 0 for r in steps)
     assert all(r["loss"] == pytest.approx(r["absolute"] + r["relative"] + 0.5 * r["visibility"], rel=1e-5)
                for r in steps)
-    assert all(v["val_visibility_auroc"] is None or 0 <= v["val_visibility_auroc"] <= 1 for v in full["val"])
-    assert all("val_nme_visible" in v and "val_heavy_occlusion" in v for v in full["val"])
+    assert all(v["val_visibility_auroc"] is None or 0 <= v["val_visibility_auroc"] <= 1 for v in full.val)
+    assert all("val_nme_visible" in v and "val_heavy_occlusion" in v for v in full.val)
 
 
 def test_data_without_visibility_labels_trains_and_says_the_head_gets_no_loss(synth_root, tmp_path, capsys):
@@ -426,5 +427,5 @@ def test_data_without_visibility_labels_trains_and_says_the_head_gets_no_loss(sy
     result = train(tiny_config(str(root), out, train={"epochs": 1}))
     assert "has no per-landmark visibility labels: the visibility head gets no loss" in capsys.readouterr().out
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert [r["visibility"] for r in records if "loss" in r] == [0.0] * result["steps"]
-    assert all(v["val_visibility_auroc"] is None for v in result["val"])
+    assert [r["visibility"] for r in records if "loss" in r] == [0.0] * result.steps
+    assert all(v["val_visibility_auroc"] is None for v in result.val)

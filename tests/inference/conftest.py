@@ -20,7 +20,7 @@ def make_checkpoint(tmp_path_factory):
     checkpoint from before the head). The landmark weights are the same in all three."""
     from structalign.data.synth import TEMPLATE
     from structalign.landmarks import WFLW98
-    from structalign.models import build_model
+    from model_helpers import make_model
 
     def make(visibility="varied") -> str:
         size = 64
@@ -31,7 +31,7 @@ def make_checkpoint(tmp_path_factory):
         torch.manual_seed(0)
         # The built-in face template (half face width 1) laid over the crop as the dataset crops lay faces over it.
         mean_shape = (size - 1) / 2 + TEMPLATE[:, :2] * size / 3.2
-        model = build_model(**{**args, "visibility_head": visibility is not None}, mean_shape=mean_shape)
+        model = make_model(**{**args, "visibility_head": visibility is not None}, mean_shape=mean_shape)
         if visibility is not None:
             with torch.no_grad():
                 model.visibility.output.bias.copy_(VISIBILITY_BIAS)

@@ -12,7 +12,9 @@ import torch
 
 from structalign.engine.checkpoint import model_from_checkpoint
 from structalign.engine.finetune import init_from_checkpoint
-from structalign.models import ResNet, build_model, load_backbone_weights
+from structalign.models import ResNet, load_backbone_weights
+
+from model_helpers import make_model
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ARCHS = ("resnet18", "resnet50")
@@ -65,7 +67,7 @@ def test_torchvision_state_dict_loads_as_is_and_computes_torchvision_features(tm
     assert "fc.weight" in state and "layer2.0.downsample.0.weight" in state
     path = tmp_path / f"{arch}_torchvision.pth"
     torch.save(state, path)
-    model = build_model(backbone=arch, image_size=64, head_width=8, num_blocks=0, backbone_weights=str(path),
+    model = make_model(backbone=arch, image_size=64, head_width=8, num_blocks=0, backbone_weights=str(path),
                         op_backend="reference").eval()
     with torch.no_grad():
         out = model.backbone(probe_image())
@@ -85,7 +87,7 @@ def test_stem_stage_layout_checkpoint_loads_under_torchvision_names(tmp_path, ar
     args = dict(arch="lgrn", backbone=arch, scheme="wflw98", image_size=64, head_width=8, num_blocks=0,
                 backbone_width=8)
     # Such checkpoints have no visibility head either (their model_args lack visibility_head).
-    rest = {k: v for k, v in build_model(**args, op_backend="reference", visibility_head=False).state_dict().items()
+    rest = {k: v for k, v in make_model(**args, op_backend="reference", visibility_head=False).state_dict().items()
             if not k.startswith("backbone.")}
     old = {k: filled(k, shape, torch.int64 if k.endswith("num_batches_tracked") else torch.float32)
            for k, shape in old_backbone}
@@ -98,7 +100,7 @@ def test_stem_stage_layout_checkpoint_loads_under_torchvision_names(tmp_path, ar
         assert len(new) == len(old)
         for (old_key, value), (new_key, loaded) in zip(old.items(), new.items()):  # both in module order
             torch.testing.assert_close(loaded, value, msg=f"{old_key} -> {new_key}")
-    transfer = init_from_checkpoint(build_model(**args, op_backend="reference"), str(path))  # model.init_from
+    transfer = init_from_checkpoint(make_model(**args, op_backend="reference"), str(path))  # model.init_from
     assert not [key for key, _ in transfer.skipped if key.startswith("backbone.")]
 
 
@@ -120,7 +122,7 @@ def test_weights_of_another_depth_or_width_are_refused():
 
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        build_model(backbone_weights=str(tmp_path / "nope.pth"))
+        make_model(backbone_weights=str(tmp_path / "nope.pth"))
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable torch state_dict"):
@@ -131,7 +133,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_backbone_taken_from_a_whole_model_state_dict(tmp_path, wrapped):
-    source = build_model(backbone="resnet18", backbone_width=8, image_size=64, head_width=8, num_blocks=0,
+    source = make_model(backbone="resnet18", backbone_width=8, image_size=64, head_width=8, num_blocks=0,
                          op_backend="reference")
     randomised(source.backbone)
     target = ResNet("resnet18", width=8)

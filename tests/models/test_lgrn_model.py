@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from structalign.landmarks import COFW29, IBUG68, WFLW98
-from structalign.models import GraphConv, LGRNHead, build_model, message_graph
+from structalign.models import GraphConv, LGRNHead, message_graph
 from structalign.ops.graph import LandmarkGraph
 
-from model_helpers import TINY
+from model_helpers import TINY, make_model
 
 
 @pytest.mark.parametrize("scheme", ["wflw98", "300w68", "cofw29"])
 @pytest.mark.parametrize("adjacency", ["static", "dynamic"])
 def test_output_shape_per_scheme_and_adjacency(scheme, adjacency):
-    model = build_model(scheme=scheme, adjacency=adjacency, **TINY)
+    model = make_model(scheme=scheme, adjacency=adjacency, **TINY)
     n = {"wflw98": 98, "300w68": 68, "cofw29": 29}[scheme]
     out, visibility = model(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, n, 2) and visibility.shape == (2, n)
@@ -27,7 +27,7 @@ def test_output_shape_per_scheme_and_adjacency(scheme, adjacency):
 @pytest.mark.parametrize("kw", [dict(arch="fc"), dict(map_to_node="multiscale"), dict(backbone="resnet50"),
                                 dict(backbone="resnet34", image_size=96)])
 def test_variants_forward(kw):
-    model = build_model(**{**TINY, **kw})
+    model = make_model(**{**TINY, **kw})
     size = kw.get("image_size", 64)
     points, visibility = model(torch.rand(2, 3, size, size))
     assert points.shape == (2, 98, 2) and visibility.shape == (2, 98)
@@ -40,7 +40,7 @@ def test_graphs_of_the_schemes():
 
 
 def test_per_image_adjacency_rows_sum_to_one_and_differ_between_images():
-    model = build_model(adjacency="dynamic", **TINY).eval()
+    model = make_model(adjacency="dynamic", **TINY).eval()
     torch.nn.init.normal_(model.head.relation_learner.net[-1].weight, std=1.0)
     adj = model.adjacency(torch.rand(3, 3, 64, 64))
     assert adj.shape == (3, 4, 98, 98)
@@ -52,7 +52,7 @@ def test_per_image_adjacency_rows_sum_to_one_and_differ_between_images():
 
 
 def test_static_adjacency_starts_uniform_over_each_neighbourhood():
-    model = build_model(**TINY)
+    model = make_model(**TINY)
     adj = model.adjacency(torch.rand(2, 3, 64, 64))
     degree = message_graph(WFLW98).dense_mask().sum(1).float()
     torch.testing.assert_close(adj.amax(-1), (1 / degree).expand(2, 4, 98))
@@ -74,7 +74,7 @@ def test_graph_conv_matches_the_dense_semgraphconv_formula():
 
 def test_output_is_the_shape_prior_when_the_head_is_silent():
     mean_shape = np.random.default_rng(0).uniform(10, 54, size=(98, 2))
-    model = build_model(mean_shape=mean_shape, **TINY).eval()
+    model = make_model(mean_shape=mean_shape, **TINY).eval()
     torch.nn.init.zeros_(model.head.output.weight)
     torch.nn.init.zeros_(model.head.output.bias)
     out, _ = model(torch.rand(2, 3, 64, 64))
@@ -86,7 +86,7 @@ def test_output_is_the_shape_prior_when_the_head_is_silent():
 
 
 def test_other_input_size_is_resized_and_scaled_back():
-    model = build_model(**TINY).eval()
+    model = make_model(**TINY).eval()
     big = torch.rand(2, 3, 128, 128)
     small = torch.nn.functional.interpolate(big, size=(64, 64), mode="bilinear", align_corners=False,
                                             antialias=True)
@@ -94,7 +94,7 @@ def test_other_input_size_is_resized_and_scaled_back():
 
 
 def test_channels_last_gives_the_same_output():
-    model = build_model(**TINY).eval()
+    model = make_model(**TINY).eval()
     x = torch.rand(2, 3, 64, 64)
     ref = model(x)
     model = model.to(memory_format=torch.channels_last)
@@ -102,7 +102,7 @@ def test_channels_last_gives_the_same_output():
 
 
 def test_input_normalisation_makes_the_model_invariant_to_intensity_scale():
-    model = build_model(**TINY).eval()
+    model = make_model(**TINY).eval()
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(model(x * 255.0), model(x), rtol=1e-4, atol=1e-3)
 
@@ -121,11 +121,11 @@ def test_input_normalisation_makes_the_model_invariant_to_intensity_scale():
 ])
 def test_bad_build_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
-        build_model(**{**TINY, **kw})
+        make_model(**{**TINY, **kw})
 
 
 def test_bad_images_and_node_count_mismatch():
-    model = build_model(**TINY)
+    model = make_model(**TINY)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         model(torch.rand(2, 1, 64, 64))
     with pytest.raises(TypeError, match="floating"):
@@ -139,7 +139,7 @@ def test_bad_images_and_node_count_mismatch():
 def test_bf16_autocast_keeps_fp32_landmarks(op_backend):
     if op_backend == "cpp":
         pytest.importorskip("structalign._C")
-    model = build_model(**{**TINY, "op_backend": op_backend}).eval()
+    model = make_model(**{**TINY, "op_backend": op_backend}).eval()
     assert all(conv.fused for conv in model.head.graph_convs())  # built fused by default
     x = torch.rand(2, 3, 64, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -234,7 +234,7 @@ def test_fused_and_unfused_heads_share_state_dict_keys_and_checkpoints():
 
 
 def test_build_model_fused_layers_flag():
-    """build_model(fused_layers=False) builds the unfused head (for A/B runs); the state dicts match."""
-    fused, plain = build_model(**TINY), build_model(**TINY, fused_layers=False)
+    """make_model(fused_layers=False) builds the unfused head (for A/B runs); the state dicts match."""
+    fused, plain = make_model(**TINY), make_model(**TINY, fused_layers=False)
     assert all(c.fused for c in fused.head.graph_convs()) and not any(c.fused for c in plain.head.graph_convs())
     plain.load_state_dict(fused.state_dict(), strict=True)

@@ -8,8 +8,9 @@ import torch
 
 from structalign.losses import build_criterion
 from structalign.metrics import per_image_nme
-from structalign.models import build_model
 from structalign.ops.backend import cpp_available
+
+from model_helpers import make_model
 
 SIZE, BATCH, STEPS = 64, 8, 200
 
@@ -33,7 +34,7 @@ def synthetic_faces():
 def train(graph_backend: str, loss_backend: str):
     images, target = synthetic_faces()
     torch.manual_seed(1)
-    model = build_model(backbone="resnet18", image_size=SIZE, head_width=32, num_blocks=1, backbone_width=8,
+    model = make_model(backbone="resnet18", image_size=SIZE, head_width=32, num_blocks=1, backbone_width=8,
                         op_backend=graph_backend)
     criterion = build_criterion(scheme="wflw98", op_backend=loss_backend)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

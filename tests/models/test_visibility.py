@@ -3,14 +3,13 @@ import pytest
 import torch
 
 from structalign.losses import visibility_loss
-from structalign.models import build_model
 
-from model_helpers import TINY
+from model_helpers import TINY, make_model
 
 
 def test_gate_scales_each_neighbour_weight_by_its_visibility_and_renormalises():
     torch.manual_seed(0)
-    model = build_model(**TINY, visibility_gate=True).eval()
+    model = make_model(**TINY, visibility_gate=True).eval()
     head, graph = model.head, model.head.graph
     logits = torch.randn(2, graph.num_nodes)
     with torch.no_grad():
@@ -29,7 +28,7 @@ def test_gate_scales_each_neighbour_weight_by_its_visibility_and_renormalises():
 
 def test_gate_uses_per_face_logits_in_every_conv_and_its_scale_learns():
     torch.manual_seed(0)
-    model = build_model(**TINY, visibility_gate=True)
+    model = make_model(**TINY, visibility_gate=True)
     # At the start every point has P(visible) = 0.75: a constant added to every logit, which the softmax ignores.
     torch.nn.init.normal_(model.visibility.output.weight, std=0.1)
     images = torch.rand(3, 3, 64, 64)
@@ -51,8 +50,8 @@ def test_gate_uses_per_face_logits_in_every_conv_and_its_scale_learns():
 
 
 def test_static_edge_softmax_matches_the_ungated_head_when_everything_is_visible():
-    model = build_model(**TINY, visibility_gate=True).eval()
-    ungated = build_model(**TINY).eval()
+    model = make_model(**TINY, visibility_gate=True).eval()
+    ungated = make_model(**TINY).eval()
     ungated.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
         model.visibility.output.bias.fill_(40.0)  # P(visible) = 1 for every point
@@ -63,19 +62,19 @@ def test_static_edge_softmax_matches_the_ungated_head_when_everything_is_visible
 
 def test_visibility_heads_and_their_absence():
     for kw in (dict(arch="fc"), dict(), dict(adjacency="dynamic", visibility_gate=True)):
-        points, visibility = build_model(**TINY, **kw)(torch.rand(2, 3, 64, 64))
+        points, visibility = make_model(**TINY, **kw)(torch.rand(2, 3, 64, 64))
         assert visibility.shape == (2, 98) and visibility.dtype == torch.float32
         # Started at P(visible) = 0.75, the share of visible points under the training augmentation.
         torch.testing.assert_close(torch.sigmoid(visibility), torch.full((2, 98), 0.75))
-    assert build_model(**TINY, visibility_head=False)(torch.rand(1, 3, 64, 64))[1] is None
-    model = build_model(**TINY)
+    assert make_model(**TINY, visibility_head=False)(torch.rand(1, 3, 64, 64))[1] is None
+    model = make_model(**TINY)
     assert {"visibility.output.weight", "visibility.output.bias"} <= set(model.point_indexed_keys())
 
 
 @pytest.mark.parametrize("kw", [dict(arch="fc", visibility_gate=True), dict(visibility_head=False, visibility_gate=True)])
 def test_gate_without_its_inputs_is_refused(kw):
     with pytest.raises(ValueError, match="visibility_gate needs"):
-        build_model(**TINY, **kw)
+        make_model(**TINY, **kw)
 
 
 def test_visibility_loss_counts_labelled_points_only():

@@ -14,14 +14,15 @@ import torch
 from structalign.landmarks import scheme_for
 from structalign.ops.backend import cpp_available
 from structalign.ops.graph import LandmarkGraph, RelationSet
+from structalign.ops import reference
 from structalign.ops.reference import graph_message_passing_reference, relative_location_loss_reference
 
 from float64_formulas import WING, gmp_formula, rll_formula  # noqa: F401  (also used by test_cpp_cuda_emulation)
 
 needs_cpp = pytest.mark.skipif(not cpp_available("cpu", "graph_message_passing"),
                                reason="structalign._C (CPU) is not built")
-CRITERIA = {"soft_wing": 0, "l1": 1, "mse": 2}
-REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+CRITERIA = {name: code for code, name in enumerate(reference.CRITERIA)}  # the ops' integer codes
+REDUCTIONS = {name: code for code, name in enumerate(reference.REDUCTIONS)}
 
 
 # ---- graph / relation tensors as the ops take them -------------------------------------------------------------------
