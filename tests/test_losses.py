@@ -9,7 +9,7 @@ import torch
 
 from structalign.landmarks import COFW29, WFLW98
 from structalign.losses import (AdaptiveWingLoss, L1Loss, MSELoss, SoftWingLoss, WingLoss, build_criterion,
-                                build_point_loss)
+                                build_point_loss, visibility_loss)
 
 
 def test_soft_wing_is_continuous_at_omega1_and_matches_the_formula():
@@ -141,3 +141,17 @@ def test_bad_input():
 def test_empty_batch_gives_zero(name):
     loss, parts = build_criterion(name, op_backend="reference")(torch.zeros(0, 98, 2), torch.zeros(0, 98, 2))
     assert loss.item() == 0.0 and parts["relative"].item() == 0.0
+
+
+def test_the_visibility_term_is_part_of_the_criterion():
+    torch.manual_seed(0)
+    pred, target = torch.rand(2, 98, 2) * 30, torch.rand(2, 98, 2) * 30
+    logits = torch.randn(2, 98, requires_grad=True)
+    labels = torch.randint(-1, 2, (2, 98)).float()  # visible, occluded and unlabelled points
+    plain, plain_parts = build_criterion(op_backend="reference")(pred, target)
+    loss, parts = build_criterion(op_backend="reference", visibility_weight=0.5)(pred, target, None, logits, labels)
+    assert parts["visibility"] == visibility_loss(logits, labels).detach() and parts["visibility"] > 0
+    torch.testing.assert_close(loss, plain + 0.5 * parts["visibility"])
+    loss.backward()
+    assert logits.grad[labels < 0].eq(0).all() and logits.grad[labels >= 0].ne(0).all()
+    assert plain_parts["visibility"] == 0  # no logits: no visibility term

@@ -1,11 +1,16 @@
 """Checkpoint files: round trip with the RNG state, atomic writes (mode from the umask, stale temporaries removed,
-the directory fsynced after the rename), and refusal of pickled code and files that are no checkpoint."""
+the directory fsynced after the rename), refusal of pickled code and files that are no checkpoint, and the
+model_args that rebuild a model."""
 import os
 
 import pytest
 import torch
 
-from structalign.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from structalign.engine.checkpoint import (CheckpointError, build_from_args, load_checkpoint, model_args, rng_state,
+                                           save_checkpoint, set_rng_state)
+from structalign.engine.config_schema import RUN_SETTINGS, ModelConfig
+from structalign.landmarks import COFW29
+from structalign.models import build_model
 
 
 def test_checkpoint_round_trip_with_rng(tmp_path):
@@ -75,3 +80,17 @@ def test_checkpoint_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "fsync", fsync)
     save_checkpoint(str(tmp_path / "ck.pt"), {"model": {}, "model_args": {}, "config": {}})
     assert synced[-1] == (str(tmp_path.resolve()), True, True)  # the directory, after the rename
+
+
+def test_model_args_are_the_configs_architecture_fields_and_rebuild_the_model():
+    model_cfg = ModelConfig(backbone="resnet18", head_width=8, num_blocks=1, backbone_width=8, adjacency="dynamic",
+                            op_backend="reference", backbone_weights="weights.pth", init_from="run/best.pt")
+    args = model_args(model_cfg, COFW29, 64)
+    assert set(args) == (set(ModelConfig.model_fields) - set(RUN_SETTINGS)) | {"scheme", "image_size"}
+    assert args["adjacency"] == "dynamic" and args["scheme"] == COFW29.to_dict()
+    rebuilt = build_from_args(args, op_backend="reference")
+    built = build_model(model_cfg, COFW29, 64)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
+    assert rebuilt.scheme == COFW29 and rebuilt.image_size == 64
+    with pytest.raises(CheckpointError, match="do not describe a model: .*head_width"):
+        build_from_args({**args, "head_width": 0})

@@ -21,6 +21,7 @@ from structalign.engine.config import ConfigError
 from structalign.engine.runlog import NonFiniteLossError
 from structalign.engine.train import train
 from structalign.errors import StructalignError
+from structalign.models import build_model
 from structalign.models.resnet import ResNet
 
 from engine_helpers import tiny_config
@@ -416,7 +417,8 @@ def test_visibility_head_learns_from_the_labels_and_validation_scores_it(uninter
     assert all("val_nme_visible" in v and "val_heavy_occlusion" in v for v in full.val)
 
 
-def test_data_without_visibility_labels_trains_and_says_the_head_gets_no_loss(synth_root, tmp_path, capsys):
+def test_data_without_visibility_labels_trains_and_says_the_head_gets_no_loss(synth_root, tmp_path, capsys,
+                                                                            monkeypatch):
     root = tmp_path / "unlabelled"
     shutil.copytree(synth_root, root)
     sidecars = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".visibility.txt")]
@@ -424,8 +426,20 @@ def test_data_without_visibility_labels_trains_and_says_the_head_gets_no_loss(sy
     for path in sidecars:
         os.remove(path)
     out = str(tmp_path / "run")
-    result = train(tiny_config(str(root), out, train={"epochs": 1}))
+    start = {}
+
+    def build_and_keep_the_start(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        start.update((k, v.detach().clone()) for k, v in model.named_parameters())
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_and_keep_the_start)
+    result = train(tiny_config(str(root), out, train={"epochs": 1}, optim={"weight_decay": 0.05}))
     assert "has no per-landmark visibility labels: the visibility head gets no loss" in capsys.readouterr().out
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["visibility"] for r in records if "loss" in r] == [0.0] * result.steps
     assert all(v["val_visibility_auroc"] is None for v in result.val)
+    # Frozen: not even weight decay moves its weights (the rest of the model trained).
+    trained = dict(result.model.named_parameters())
+    assert all(torch.equal(trained[k], v) for k, v in start.items() if k.startswith("visibility."))
+    assert not torch.equal(trained["head.output.weight"], start["head.output.weight"])
