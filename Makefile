@@ -49,9 +49,12 @@ $(VENV)/.editable: $(VENV)/.installed setup.py
 ext: $(VENV)/.editable
 	flock $(BUILD_LOCK) $(PY) setup.py -q build_ext --inplace
 
+# pytest-xdist workers, whole test files each (a file's fixtures are made once); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: ext $(VENV)/.installed-test gpu-deps image-venv
 	$(VENV)/bin/lint-imports --no-cache --no-logo
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: ext
 	$(VENV)/bin/structalign demo

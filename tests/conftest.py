@@ -1,4 +1,5 @@
-"""Test set-up: Triton runs in its interpreter on CPU tensors where no GPU exists; `gpu` tests skip without CUDA."""
+"""Test set-up: Triton runs in its interpreter on CPU tensors where no GPU exists; `gpu` tests skip without CUDA;
+xdist workers share the cores out."""
 import os
 
 import torch
@@ -8,6 +9,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs pytest-xdist workers: the cores are shared out
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_collection_modifyitems(config, items):
