@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                     video = OnnxPredictor(onnx_path, threads=threads, detector=detector)
                     row(name, "onnxruntime", threads, f"video, detect every {every}", measure(
                         lambda: predict_video(video, clip, detect_every=every), device, warmup=1,
-                        reps=max(1, args.reps // 10)), VIDEO_FRAMES)
+                        reps=max(3, args.reps // 4)), VIDEO_FRAMES)
         dlib, shape_predictor = dlib_shape_predictor()
         if dlib is None:
             print(f"dlib 68-point shape predictor: {shape_predictor}")

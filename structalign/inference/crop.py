@@ -22,15 +22,41 @@ def crop_matrix(box, size: int, padding: float) -> np.ndarray:
 
 def crop_image(rgb: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     """The crop (uint8[S, S, 3]) of rgb (uint8[H, W, 3]) under matrix (image -> crop pixels)."""
-    zoom, tx, ty = matrix[0, 0], matrix[0, 2], matrix[1, 2]
-    # PIL maps each output pixel corner (u, v) to the input corner (a u + c, e v + f): the inverse affine, moved from
-    # the pixel-centre to the pixel-corner convention (the shift by 0.5 on both sides).
-    a, c = 1 / zoom, -tx / zoom + 0.5 - 0.5 / zoom
-    e, f = 1 / zoom, -ty / zoom + 0.5 - 0.5 / zoom
-    image = Image.fromarray(rgb)
-    crop = image.transform((size, size), Image.AFFINE, data=(a, 0.0, c, 0.0, e, f), resample=Image.BILINEAR,
-                           fillcolor=(FILL, FILL, FILL))
-    return np.asarray(crop)
+    return crop_images(rgb, np.asarray(matrix)[None], size)[0]
+
+
+def _source_window(origin: float, step: float, size: int, extent: int) -> tuple:
+    """The pixels [lo, hi) of an image side of `extent` pixels that PIL's bilinear transform reads for `size` output
+    pixels sampled at origin + step (u + 0.5), u < size, with a margin of 2 (the samples' neighbours, and PIL's
+    clipping to the edge happens only where the window reaches the image's edge)."""
+    first, last = origin + 0.5 * step, origin + (size - 0.5) * step
+    return max(0, int(np.floor(min(first, last))) - 2), min(extent, int(np.ceil(max(first, last))) + 3)
+
+
+def crop_images(rgb: np.ndarray, matrices: np.ndarray, size: int) -> np.ndarray:
+    """The crops (uint8[K, S, S, 3]) of rgb (uint8[H, W, 3]) under matrices (float[K, 2, 3], image -> crop pixels),
+    each as crop_image takes it. Only the window of the picture a crop reads becomes a PIL image (a shift of the
+    transform's origin by the window's corner gives the same pixels)."""
+    crops = np.empty((len(matrices), size, size, 3), np.uint8)
+    height, width = rgb.shape[:2]
+    for crop, matrix in zip(crops, matrices):
+        # PIL maps each output pixel corner (u, v) to the input corner (a u + c, e v + f): the inverse affine, moved
+        # from the pixel-centre to the pixel-corner convention, computed as the evaluation crop computes it
+        # (structalign.data.augment invert_affine, to_pixel_corner) so that both round alike.
+        linear = np.linalg.inv(np.asarray(matrix, np.float64)[:, :2])
+        shift = -(linear @ np.asarray(matrix, np.float64)[:, 2]) + 0.5 - 0.5 * linear.sum(axis=1)
+        (a, b), (d, e) = linear
+        c, f = shift
+        (x0, x1), (y0, y1) = _source_window(c, a, size, width), _source_window(f, e, size, height)
+        if b or d:  # a rotation reads across the window's sides: the whole picture
+            x0, x1, y0, y1 = 0, width, 0, height
+        if x0 >= x1 or y0 >= y1:  # the crop lies wholly outside the picture
+            crop[:] = FILL
+            continue
+        window = Image.fromarray(np.ascontiguousarray(rgb[y0:y1, x0:x1]))
+        crop[:] = window.transform((size, size), Image.AFFINE, data=(a, b, c - x0, d, e, f - y0),
+                                   resample=Image.BILINEAR, fillcolor=(FILL, FILL, FILL))
+    return crops
 
 
 def to_image_pixels(points: np.ndarray, matrices: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from structalign.errors import InputError
+from structalign.inference.runtime import cpu_session_options
 from structalign.inference.yunet import build_model, decode
 
 
@@ -85,7 +86,8 @@ class YuNetFaceDetector:
     a larger max_side costs in proportion to the pixels). min_score: faces scoring below it are dropped (scores in
     [0, 1]; the default keeps every annotated real face of the measurement and drops nearly all non-face boxes,
     benchmarks/RESULTS.md). max_iou: of two boxes overlapping more, the lower-scoring one is dropped. threads: ONNX
-    Runtime intra-op threads (0 = its default, one per core). Returns faces by decreasing score.
+    Runtime intra-op threads (0 = its default, one per core; idle ones sleep, structalign/inference/runtime.py).
+    Returns faces by decreasing score.
     """
 
     calibration = YUNET_CALIBRATION
@@ -97,12 +99,8 @@ class YuNetFaceDetector:
             raise InputError(f"YuNet: min_score must lie in [0, 1] and max_iou in (0, 1], got {min_score}, {max_iou}")
         if not isinstance(max_side, int) or max_side < 32:
             raise InputError(f"YuNet: max_side must be an int >= 32, got {max_side!r}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        # Idle threads sleep instead of spinning: the landmark model runs right after the detector, and on a shared
-        # or busy CPU spinning threads take the cores the next step needs (2 threads at load 5: 24 ms, not 13 ms).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(_yunet_graph(), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(_yunet_graph(), cpu_session_options(threads),
+                                            providers=["CPUExecutionProvider"])
         self.min_score, self.max_side, self.max_iou = min_score, max_side, max_iou
 
     def __call__(self, rgb: np.ndarray):
@@ -117,7 +115,8 @@ class YuNetFaceDetector:
                              interpolation=cv2.INTER_AREA)
         h, w = rgb.shape[:2]
         image = np.zeros((1, 3, -(-h // 32) * 32, -(-w // 32) * 32), np.float32)  # zero padding to a multiple of 32
-        image[0, :, :h, :w] = rgb[:, :, ::-1].transpose(2, 0, 1)  # the network reads BGR
+        for plane, channel in zip(image[0], cv2.split(rgb)[::-1]):  # the network reads BGR; split planes copy fast
+            plane[:h, :w] = channel
         outputs = dict(zip((o.name for o in self.session.get_outputs()), self.session.run(None, {"image": image})))
         boxes, scores = decode(outputs, self.min_score)
         keep = non_maximum_suppression(boxes, scores, self.max_iou)

@@ -17,6 +17,7 @@ import numpy as np
 
 from structalign.errors import InputError, MissingFileError
 from structalign.inference.pipeline import LandmarkPipeline, model_scheme
+from structalign.inference.runtime import cpu_session_options
 
 INPUT_KINDS = ("normalised", "crops")
 LANDMARKS_OUTPUT, VISIBILITY_OUTPUT = "landmarks", "visibility"  # the graph's output names (structalign export)
@@ -37,7 +38,8 @@ class OnnxPredictor(LandmarkPipeline):
     """An exported structalign graph in ONNX Runtime.
 
     path: the .onnx file; detector, calibration, flip_test, batch_size: as in structalign.Predictor; threads: ONNX
-    Runtime intra-op threads (0 = its default); providers: ONNX Runtime execution providers (default CPU).
+    Runtime intra-op threads (0 = its default; idle ones sleep, structalign/inference/runtime.py); providers: ONNX
+    Runtime execution providers (default CPU).
     """
 
     def __init__(self, path: str, detector="yunet", flip_test: bool = False, batch_size: int = 32, threads: int = 0,
@@ -46,10 +48,8 @@ class OnnxPredictor(LandmarkPipeline):
 
         if not os.path.isfile(path):
             raise MissingFileError(f"ONNX model {path!r} does not exist")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(path, options, providers=list(providers))
+            self.session = ort.InferenceSession(path, cpu_session_options(threads), providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid files
             raise InputError(f"ONNX model {path!r} cannot be loaded: {exc}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -63,8 +63,8 @@ class OnnxPredictor(LandmarkPipeline):
         self.input_kind = values["input"]
         if self.input_kind not in INPUT_KINDS:
             raise InputError(f"ONNX model {path!r}: unknown input kind {self.input_kind!r}")
-        self._mean = np.asarray(values["norm_mean"], np.float32)
-        self._std = np.asarray(values["norm_std"], np.float32)
+        self._mean = np.asarray(values["norm_mean"], np.float32)[:, None, None]  # per channel of a CHW image
+        self._std = np.asarray(values["norm_std"], np.float32)[:, None, None]
         self._input = self.session.get_inputs()[0].name
         self.has_visibility = VISIBILITY_OUTPUT in [output.name for output in self.session.get_outputs()]
         self._outputs = [LANDMARKS_OUTPUT] + ([VISIBILITY_OUTPUT] if self.has_visibility else [])
@@ -72,9 +72,10 @@ class OnnxPredictor(LandmarkPipeline):
 
     def _forward(self, crops: np.ndarray) -> tuple:
         """crops (uint8[B, S, S, 3]) -> (landmarks float32[B, N, 2] crop pixels, P(visible) float32[B, N] or None)."""
-        if self.input_kind == "normalised":
-            images = ((crops.astype(np.float32) - self._mean) / self._std).transpose(0, 3, 1, 2)
-            feed = np.ascontiguousarray(images)
+        if self.input_kind == "normalised":  # (crop - mean) / std, in one copy to float32 CHW and two passes in place
+            feed = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32)
+            feed -= self._mean
+            feed /= self._std
         else:
             feed = np.ascontiguousarray(crops)
         points, *visibility = self.session.run(self._outputs, {self._input: feed})

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from structalign.errors import InputError, StructalignError
-from structalign.inference.crop import crop_image, crop_matrix, mirror_points, to_image_pixels
+from structalign.inference.crop import crop_images, crop_matrix, mirror_points, to_image_pixels
 from structalign.inference.detector import BoxCalibration, detect, make_detector
 from structalign.inference.sources import image_sources
 from structalign.landmarks import LandmarkScheme, resolve_scheme
@@ -181,7 +181,7 @@ class LandmarkPipeline(ABC):
             crop_boxes, scores = self.calibration(face_boxes), [float(s) for s in scores]
         size = self.image_size
         matrices = np.array([crop_matrix(box, size, self.padding) for box in crop_boxes]).reshape(-1, 2, 3)
-        crops = np.array([crop_image(rgb, m, size) for m in matrices], np.uint8).reshape(-1, size, size, 3)
+        crops = crop_images(rgb, matrices, size)
         return _Prepared(name, (width, height), face_boxes, scores, matrices, crops)
 
     def _finish(self, prepared: list) -> list:

@@ -167,12 +167,13 @@ def predict_video(predictor, path: str, out_video: Optional[str] = None, min_cut
     tracks, followed = FaceTracks(min_cutoff, beta, d_cutoff), FollowedFaces()
     follow = detect_every > 1 and predictor.detector is not None
     writer, results = None, []
+    bgr = rgb = None  # each frame is decoded and converted into the previous frame's arrays
     try:
         while max_frames is None or len(results) < max_frames:
-            ok, bgr = capture.read()
+            ok, bgr = capture.read(bgr)
             if not ok:
                 break
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=rgb)
             frame, name = len(results), f"{path}#{len(results)}"
             boxes = followed.boxes(rgb.shape[1], rgb.shape[0]) if follow and frame % detect_every else None
             if boxes is None or not len(boxes):

@@ -1,6 +1,6 @@
 """ONNX export as one self-contained file, and OnnxPredictor: same faces, landmarks (< 0.05 px) and P(visible)
 (< 1e-4) as the torch Predictor, the outputs "landmarks" and "visibility" (only "landmarks" for a model without a
-visibility head), metadata checks, and no torch import on the ONNX path."""
+visibility head), metadata checks, no torch import on the ONNX path, and the sessions' thread wait policy."""
 import json
 import os
 import shutil
@@ -15,9 +15,11 @@ import torch
 from structalign.cli import main
 from structalign.engine.checkpoint import model_from_checkpoint
 from structalign.errors import InputError
+from structalign.inference.detector import YuNetFaceDetector
 from structalign.inference.onnx_predictor import OnnxPredictor
 from structalign.inference.pipeline import FlipTestError
 from structalign.inference.predictor import Predictor
+from structalign.inference.runtime import SPIN_MICROSECONDS
 from structalign.landmarks import WFLW98
 
 ort = pytest.importorskip("onnxruntime")
@@ -91,6 +93,17 @@ def test_onnx_predictor_does_not_import_torch(onnx_models, astronaut, tmp_path):
         "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_detector_and_model_sessions_sleep_instead_of_spinning(onnx_models):
+    """Both ONNX Runtime sessions of a predictor (the YuNet detector's and the landmark model's) run the threads asked
+    for, whose idle workers spin at most SPIN_MICROSECONDS and not between runs (structalign/inference/runtime.py)."""
+    predictor = OnnxPredictor(onnx_models["crops"], threads=2, detector=YuNetFaceDetector(threads=2))
+    for session in (predictor.session, predictor.detector.session):
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.intra_op.spin_duration_us") == str(SPIN_MICROSECONDS)
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 def test_onnx_predictor_refuses_foreign_graphs_and_flip_test_without_a_scheme(onnx_models, tmp_path):

@@ -9,7 +9,7 @@ from structalign.data.augment import invert_affine, sample_matrix
 from structalign.data.reference_pipeline import augment_image
 from structalign.data.augment import PlannedSample, IDENTITY
 from structalign.errors import InputError, StructalignError
-from structalign.inference.crop import crop_image, crop_matrix, to_image_pixels
+from structalign.inference.crop import crop_image, crop_images, crop_matrix, to_image_pixels
 from structalign.inference.detector import YUNET_CALIBRATION, BoxCalibration, YuNetFaceDetector
 from structalign.inference.pipeline import FlipTestError, flip_permutation, model_scheme
 from structalign.inference.predictor import Predictor
@@ -25,8 +25,12 @@ def predictor(checkpoint):
 
 
 def test_crop_is_the_evaluation_crop(astronaut):
-    """inference/crop.py restates the evaluation crop without torch: same pixels, same way back."""
-    for box, padding, size in (((180.0, 70.0, 265.0, 165.0), 1.5, 64), ((-20.0, 400.0, 60.3, 530.0), 1.25, 96)):
+    """inference/crop.py restates the evaluation crop without torch: same pixels, same way back; also for faces at
+    and beyond the picture's edges, wholly outside it, tiny, or larger than the picture (the crop reads only the
+    window of the picture it needs)."""
+    for box, padding, size in (((180.0, 70.0, 265.0, 165.0), 1.5, 64), ((-20.0, 400.0, 60.3, 530.0), 1.25, 96),
+                               ((-300.0, -250.0, -200.0, -150.0), 1.5, 64), ((450.0, 0.0, 512.0, 62.0), 1.5, 64),
+                               ((250.2, 250.7, 254.1, 253.9), 1.25, 128), ((-100.0, -60.0, 700.0, 650.0), 1.5, 64)):
         matrix = crop_matrix(box, size, padding)
         np.testing.assert_allclose(matrix, sample_matrix(box, size, IDENTITY, padding), atol=1e-12)
         planned = PlannedSample(matrix, np.zeros((98, 2), np.float32), np.ones(98, np.float32), IDENTITY)
@@ -38,6 +42,18 @@ def test_crop_is_the_evaluation_crop(astronaut):
         inverse = invert_affine(matrix)
         np.testing.assert_allclose(to_image_pixels(points, matrix[None]), points @ inverse[:, :2].T + inverse[:, 2],
                                    atol=1e-9)
+
+
+def test_crops_of_several_faces_are_each_face_cropped_alone(astronaut):
+    """crop_images gives each face the crop crop_image gives it, a face partly outside the picture included, and no
+    crop for no face."""
+    boxes = [ASTRONAUT_FACE, (-20.0, 400.0, 60.3, 530.0), (300.5, 10.25, 480.0, 200.0)]
+    matrices = np.array([crop_matrix(box, 64, 1.5) for box in boxes])
+    crops = crop_images(astronaut, matrices, 64)
+    assert crops.shape == (3, 64, 64, 3) and crops.dtype == np.uint8
+    for crop, matrix in zip(crops, matrices):
+        np.testing.assert_array_equal(crop, crop_image(astronaut, matrix, 64))
+    assert crop_images(astronaut, np.zeros((0, 2, 3)), 64).shape == (0, 64, 64, 3)
 
 
 def test_detector_finds_the_astronauts_face_and_the_crop_holds_it(astronaut):
