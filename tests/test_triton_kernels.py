@@ -193,8 +193,12 @@ def test_gmp_is_deterministic(device):
 # ---- relative_location_loss ----------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=None)
-def relation_set(kind: str) -> RelationSet:
-    return RelationSet.laplacian(scheme_for(98).relation_neighbors) if kind == "laplacian" else RelationSet.pairs(98)
+def relation_set(kind: str, device: str = "cuda") -> RelationSet:
+    """The Laplacian relations of the 98-point scheme, or all pairs of 98 points on a GPU and of 40 in the CPU
+    interpreter (which runs each step of a landmark's walk over its relations in Python)."""
+    if kind == "laplacian":
+        return RelationSet.laplacian(scheme_for(98).relation_neighbors)
+    return RelationSet.pairs(98 if device == "cuda" else 40)
 
 
 def loss_triton(relations, pred, target, landmark_weight, criterion, reduction, need_grad=True,
@@ -222,11 +226,11 @@ def loss_reference(relations, pred, target, landmark_weight, criterion, reductio
     return loss.detach(), grad
 
 
-def loss_inputs(b, dtype, device, weighted):
-    pred = 4 * torch.randn(b, 98, 2, dtype=dtype, device=device)  # residuals on both sides of omega1 = 2
-    target = 4 * torch.randn(b, 98, 2, dtype=dtype, device=device)
+def loss_inputs(b, dtype, device, weighted, points: int = 98):
+    pred = 4 * torch.randn(b, points, 2, dtype=dtype, device=device)  # residuals on both sides of omega1 = 2
+    target = 4 * torch.randn(b, points, 2, dtype=dtype, device=device)
     pred[0, :3] = target[0, :3]  # some residuals exactly 0 (the criteria's derivative there is 0)
-    lw = torch.rand(b, 98, dtype=dtype, device=device) if weighted else None
+    lw = torch.rand(b, points, dtype=dtype, device=device) if weighted else None
     return pred, target, lw
 
 
@@ -235,8 +239,8 @@ def loss_inputs(b, dtype, device, weighted):
 @pytest.mark.parametrize("kind", ["laplacian", "pairs"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_loss_matches_reference(device, dtype, rel, kind, weighted):
-    relations = relation_set(kind)
-    pred, target, lw = loss_inputs(3, dtype, device, weighted)
+    relations = relation_set(kind, device)
+    pred, target, lw = loss_inputs(3, dtype, device, weighted, relations.num_points)
     for criterion in CRITERIA:
         for reduction in REDUCTIONS:
             loss, grad = loss_triton(relations, pred, target, lw, criterion, reduction)
@@ -308,9 +312,9 @@ def test_loss_without_gradient_and_empty_batch(device, reduction):
 @pytest.mark.parametrize("kind", ["laplacian", "pairs"])
 def test_loss_gradient_is_bitwise_reproducible(device, kind):
     """Gradients are fixed-order gathers (no atomics): two runs agree to the bit, on several programs."""
-    relations = relation_set(kind)
+    relations = relation_set(kind, device)
     b = 70 if device == "cuda" else 40
-    pred, target, lw = loss_inputs(b, torch.float32, device, True)
+    pred, target, lw = loss_inputs(b, torch.float32, device, True, relations.num_points)
     first = loss_triton(relations, pred, target, lw, "soft_wing", "mean")
     second = loss_triton(relations, pred, target, lw, "soft_wing", "mean")
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
