@@ -101,6 +101,7 @@ class YuNetFaceDetector:
             raise InputError(f"YuNet: max_side must be an int >= 32, got {max_side!r}")
         self.session = ort.InferenceSession(_yunet_graph(), cpu_session_options(threads),
                                             providers=["CPUExecutionProvider"])
+        self._output_names = [output.name for output in self.session.get_outputs()]
         self.min_score, self.max_side, self.max_iou = min_score, max_side, max_iou
 
     def __call__(self, rgb: np.ndarray):
@@ -117,7 +118,7 @@ class YuNetFaceDetector:
         image = np.zeros((1, 3, -(-h // 32) * 32, -(-w // 32) * 32), np.float32)  # zero padding to a multiple of 32
         for plane, channel in zip(image[0], cv2.split(rgb)[::-1]):  # the network reads BGR; split planes copy fast
             plane[:h, :w] = channel
-        outputs = dict(zip((o.name for o in self.session.get_outputs()), self.session.run(None, {"image": image})))
+        outputs = dict(zip(self._output_names, self.session.run(None, {"image": image})))
         boxes, scores = decode(outputs, self.min_score)
         keep = non_maximum_suppression(boxes, scores, self.max_iou)
         # Pixel centres at integers in both; the shrink maps pixel corners: x + 0.5 = (x_network + 0.5) / scale.
