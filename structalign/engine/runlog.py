@@ -52,7 +52,7 @@ class RunLog:
     """Per-step losses on the device until a sync point, then log.jsonl, TensorBoard and tqdm (main rank).
 
     losses: per-step global mean loss of the steps synced so far; val: per-evaluation summaries; next_sync: the
-    step of the next sync point at the latest.
+    step of the next sync point at the latest (`due`).
     """
 
     def __init__(self, cfg: Config, env: DistEnv, start_step: int, total_steps: int, resumed: bool):
@@ -99,6 +99,10 @@ class RunLog:
         self.positions.append(position)
         self.images += images
         self.bar.update()
+
+    def due(self, step: int) -> bool:
+        """Whether step ends at a sync point by the cadence: every train.log_every steps, and by next_sync."""
+        return step % self.tc.log_every == 0 or step >= self.next_sync
 
     def restart_clock(self) -> None:
         """Leave the time since the last sync point (a checkpoint save) out of the throughput."""

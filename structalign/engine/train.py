@@ -236,8 +236,8 @@ def _run(cfg: Config, resume: str | None, on_step, loader) -> TrainResult:
                     state.step += 1
 
                     save_now = tc.save_every and state.step % tc.save_every == 0 and batch_idx < batches_per_epoch
-                    if (state.step % tc.log_every == 0 or state.step >= runlog.next_sync or save_now
-                            or batch_idx == batches_per_epoch or (stop.received and not env.distributed)):
+                    if (runlog.due(state.step) or save_now or batch_idx == batches_per_epoch
+                            or (stop.received and not env.distributed)):
                         stopped = runlog.sync(state.step, optimizer.param_groups[0]["lr"], stop.received)
                         if stopped:
                             interrupted = max(stopped.values())
