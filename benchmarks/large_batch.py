@@ -37,8 +37,8 @@ SMALL_BATCH = 32  # the demo's global batch and optimiser: the reference every l
 LARGE_BATCH_RECIPE = ["optim.name=lamb", "optim.lr=0.02", "optim.base_batch_size=256", "optim.lr_scaling=sqrt",
                       "optim.warmup_epochs=1.0"]
 DEMO_CROP = 128  # the demo config's crop side: its Soft-Wing widths are in pixels of that crop
-COLUMNS = ["global_batch", "accumulate", "optimiser", "lr", "warmup_epochs", "steps", "val_nme", "test_nme",
-           "test_fr", "vs_batch_32_pct", "within_goal", "train_s"]
+COLUMNS = ["global_batch", "accumulate", "optimiser", "lr", "warmup_epochs", "epochs", "steps", "val_nme",
+           "test_nme", "test_fr", "vs_batch_32_pct", "within_goal", "train_s"]
 
 
 def run_overrides(global_batch: int, args) -> list:
@@ -81,8 +81,8 @@ def train_and_test(global_batch: int, args) -> dict:
     return {"global_batch": global_batch, "processes": args.processes, "micro_batch": args.micro_batch,
             "accumulate": cfg.train.accumulate, "optimiser": cfg.optim.name, "lr_scaling": cfg.optim.lr_scaling,
             "lr": scaled_lr(cfg.optim, global_batch), "warmup_epochs": cfg.optim.warmup_epochs,
-            "steps": state["step"], "val_nme": state["best_nme"], "test_nme": test["nme"], "test_fr": test["fr"],
-            "train_s": round(train_s, 1), "overrides": overrides}
+            "epochs": cfg.train.epochs, "steps": state["step"], "val_nme": state["best_nme"], "test_nme": test["nme"],
+            "test_fr": test["fr"], "train_s": round(train_s, 1), "overrides": overrides}
 
 
 def compare(rows: list, tolerance: float) -> None:
@@ -134,8 +134,8 @@ def main() -> None:
             write_json(args.json, rows, torch.device("cpu"), epochs=args.epochs, settings=vars(args),
                        large_batch_recipe=LARGE_BATCH_RECIPE)
     print(f"\nlarge_batch on {args.data} ({device_name(torch.device('cpu'))}; {args.processes} processes x "
-          f"{args.micro_batch} images per micro-batch), {args.epochs} epochs each; NME/FR in %, inter-ocular, "
-          f"held-out test split; large-batch recipe {' '.join(LARGE_BATCH_RECIPE + args.large)}")
+          f"{args.micro_batch} images per micro-batch); NME/FR in %, inter-ocular, held-out test split; "
+          f"large-batch recipe {' '.join(LARGE_BATCH_RECIPE + args.large)}")
     print_table(rows, COLUMNS)
     failed = [r["global_batch"] for r in rows if r["within_goal"] == "no"]
     if any(r["within_goal"] is not None for r in rows):

@@ -4,6 +4,7 @@ micro-batch x accumulation, the LAMB recipe above 32)."""
 import importlib.util
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from structalign.engine.optim import LAMB, build_optimizer, scaled_lr
 from engine_helpers import tiny_config
 from process_group import as_rank, free_port
 
-BENCHMARK = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "large_batch.py")
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+BENCHMARK = os.path.join(BENCHMARKS, "large_batch.py")
+NOISE_SCALE_BENCHMARK = os.path.join(BENCHMARKS, "gradient_noise_scale.py")
 
 
 @pytest.mark.parametrize("rule, factor", [("linear", 32.0), ("sqrt", math.sqrt(32.0))])
@@ -117,3 +120,27 @@ def test_large_batch_benchmark_refuses_a_batch_that_processes_and_micro_batch_do
     args = bench.build_parser().parse_args(["--data", synth_root, "--micro-batch", "24"])
     with pytest.raises(SystemExit, match="global batch 32 is not a multiple of processes x micro-batch = 48"):
         bench.run_overrides(32, args)
+
+
+def test_gradient_noise_scale_benchmark_recovers_the_noise_scale_of_a_known_problem():
+    """Loss 0.5 |w - mean of a batch of x|^2 with x ~ N(mu, sigma^2 I_d): one image's gradient is w - x, so
+    |G|^2 = |w - mu|^2 = 16 and tr(Sigma) = d sigma^2 = 256. Estimates from 4 micro-batches of 8 (where the raw
+    squared norms are 48 and 24: the noise is half of them) must average to the truth."""
+    spec = importlib.util.spec_from_file_location("noise_scale_benchmark", NOISE_SCALE_BENCHMARK)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    d, sigma, micro, count, repeats = 64, 2.0, 8, 4, 1500
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.full((d,), 0.5))  # mu = 0
+    model.forward = lambda images: (model.w - images.mean(0), None)
+    criterion = lambda pred, landmarks, weight, vis, labels: (0.5 * pred.pow(2).sum(), {})  # noqa: E731
+    estimates = []
+    for _ in range(repeats):
+        batches = iter([SimpleNamespace(images=sigma * torch.randn(micro, d), landmarks=None, visibility=None)
+                        for _ in range(count)])
+        small_sq, big_sq = bench.squared_norms(model, criterion, batches, count, visibility=False)
+        estimates.append(bench.unbiased(small_sq, big_sq, micro, micro * count))
+    grad_sq, trace = torch.tensor(estimates, dtype=torch.float64).mean(0).tolist()
+    assert grad_sq == pytest.approx(16.0, rel=0.05)
+    assert trace == pytest.approx(d * sigma ** 2, rel=0.05)
