@@ -1,5 +1,5 @@
 """Does a large global batch converge as well as a small one? Global batch 32 with the demo's optimiser (AdamW,
-5e-3 at 32, warm-up 0.3 epoch, cosine) against 256 and 1024 with the large-batch recipe (LAMB, warm-up, the
+5e-3 at 32, warm-up 0.3 epoch, cosine) against 256 and 1024 with the large-batch recipe (LAMB, warm-up, betas, the
 learning rate scaled from optim.base_batch_size by optim.lr_scaling), at equal epochs on the built-in faces.
 
 Every run is `torchrun --standalone --nproc_per_node=P -m structalign.cli train demo ...` on the CPU (gloo), with the
@@ -32,10 +32,20 @@ from structalign.engine.report import evaluate_checkpoint  # noqa: E402
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SMALL_BATCH = 32  # the demo's global batch and optimiser: the reference every larger batch is held to
 # The large-batch recipe: LAMB (per-tensor trust ratio on layer weights) at 0.02 for a global batch of 256, scaled by
-# the square root of the batch, after a warm-up of one epoch (benchmarks/RESULTS.md, 2026-12-05: what was tried).
+# the square root of the batch, after a warm-up of one epoch, with betas (0.8, 0.999^(batch / 32)): the second moment
+# remembers as many images as the demo's AdamW does at 32 (benchmarks/RESULTS.md, 2026-12-05: what was tried).
 # Extra overrides (--large) are applied after these.
 LARGE_BATCH_RECIPE = ["optim.name=lamb", "optim.lr=0.02", "optim.base_batch_size=256", "optim.lr_scaling=sqrt",
                       "optim.warmup_epochs=1.0"]
+LARGE_BATCH_BETA1 = 0.8
+
+
+def large_batch_recipe(global_batch: int) -> list:
+    """The recipe's overrides at a global batch: LARGE_BATCH_RECIPE and its betas (beta2 to 3 decimals)."""
+    beta2 = load_config("demo", check_data=False).optim.betas[1] ** (global_batch / SMALL_BATCH)
+    return LARGE_BATCH_RECIPE + [f"optim.betas=[{LARGE_BATCH_BETA1},{beta2:.3f}]"]
+
+
 DEMO_CROP = 128  # the demo config's crop side: its Soft-Wing widths are in pixels of that crop
 COLUMNS = ["global_batch", "accumulate", "optimiser", "lr", "warmup_epochs", "epochs", "steps", "val_nme",
            "test_nme", "test_fr", "vs_batch_32_pct", "within_goal", "train_s"]
@@ -56,7 +66,7 @@ def run_overrides(global_batch: int, args) -> list:
                  f"train.epochs={args.epochs}", f"train.eval_every={args.epochs}", f"train.seed={args.seed}",
                  "train.log_every=20", "train.progress=false", "train.tensorboard=false", "train.device=cpu"]
     if global_batch > SMALL_BATCH:
-        overrides += LARGE_BATCH_RECIPE + args.large
+        overrides += large_batch_recipe(global_batch) + args.large
     return overrides + args.overrides
 
 
@@ -132,10 +142,11 @@ def main() -> None:
         compare(rows, args.tolerance)
         if args.json:
             write_json(args.json, rows, torch.device("cpu"), epochs=args.epochs, settings=vars(args),
-                       large_batch_recipe=LARGE_BATCH_RECIPE)
+                       large_batch_recipe={b: large_batch_recipe(b) for b in args.batches if b > SMALL_BATCH})
     print(f"\nlarge_batch on {args.data} ({device_name(torch.device('cpu'))}; {args.processes} processes x "
           f"{args.micro_batch} images per micro-batch); NME/FR in %, inter-ocular, held-out test split; "
-          f"large-batch recipe {' '.join(LARGE_BATCH_RECIPE + args.large)}")
+          f"large-batch recipe {' '.join(LARGE_BATCH_RECIPE)} optim.betas=[{LARGE_BATCH_BETA1},0.999^(batch/"
+          f"{SMALL_BATCH})] {' '.join(args.large)}")
     print_table(rows, COLUMNS)
     failed = [r["global_batch"] for r in rows if r["within_goal"] == "no"]
     if any(r["within_goal"] is not None for r in rows):

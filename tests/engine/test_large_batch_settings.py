@@ -113,6 +113,8 @@ def test_large_batch_benchmark_splits_each_global_batch_over_processes_and_accum
         assert cfg.optim == load_config("demo", check_data=False).optim
     else:
         assert cfg.optim.name == "lamb" and cfg.optim.warmup_epochs == 2.0
+        # The second moment keeps the demo's memory in images: 0.999 per batch of 32.
+        assert tuple(cfg.optim.betas) == {256: (0.8, 0.992), 1024: (0.8, 0.968)}[global_batch]
 
 
 def test_large_batch_benchmark_refuses_a_batch_that_processes_and_micro_batch_do_not_divide(synth_root):
