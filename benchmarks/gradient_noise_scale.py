@@ -13,6 +13,7 @@ a given loss, so at equal epochs a batch well above B_noise falls behind whateve
     .venv/bin/python benchmarks/gradient_noise_scale.py --init benchmarks/out/large_batch/batch*/last.pt
 """
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -39,7 +40,8 @@ def squared_norms(model, criterion, batches, count: int, visibility: bool) -> tu
         batch = next(batches)
         pred, vis = model(batch.images)
         loss, _ = criterion(pred.float(), batch.landmarks, None, vis if visibility else None, batch.visibility)
-        flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)  # a head without labels
+        flat = torch.cat([g.reshape(-1) for g in grads]).double()
         squares += float(flat.dot(flat))
         total = flat if total is None else total + flat
     mean = total / count
@@ -85,8 +87,9 @@ def noise_scale(name: str, model, state_or_none, cfg, args) -> dict:
         grad_sq.append(true_sq)
         traces.append(trace)
         scales.append(trace / true_sq)
+    validated = state_or_none is not None and math.isfinite(state_or_none["best_nme"])
     return {"model": name, "step": state_or_none["step"] if state_or_none else 0,
-            "val_nme": state_or_none["best_nme"] if state_or_none else None,
+            "val_nme": state_or_none["best_nme"] if validated else None,
             "grad_sq": statistics.median(grad_sq), "trace_sigma": statistics.median(traces),
             "b_simple": statistics.median(scales), "b_simple_range": f"{min(scales):.0f}-{max(scales):.0f}",
             "b_simple_each": scales}
@@ -108,8 +111,7 @@ def main() -> None:
     rows = []
     states = [(path, load_checkpoint(path)) for path in args.checkpoints]
     if args.init:
-        path, state = states[0]
-        cfg = config_from_dict(state["config"])
+        cfg = config_from_dict(states[0][1]["config"])
         full, train_ds = training_split(cfg)
         shape = mean_crop_landmarks(loader_of(cfg, train_ds, cfg.train.eval_batch_size, train=False))
         torch.manual_seed(args.seed)
