@@ -7,6 +7,7 @@ for another torch, the sanitizer driver's graph_conv cases, the SASS list of `ma
 `make check-cuda` really skips without a CUDA toolkit."""
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -145,6 +146,20 @@ def test_a_step_over_time_gets_sigint_then_sigkill(tmp_path, monkeypatch):
     assert res["timed_out"] and res["returncode"] == -9
     step = runner.record("deaf", "ok", "finished", res)
     assert step["status"] == "timeout" and step["summary"].startswith("interrupted after 2 s")
+
+
+def test_a_step_gets_sigint_when_the_check_itself_ignores_it(tmp_path, monkeypatch):
+    """`nohup make gpu-check &` starts the check with SIGINT ignored; its steps must still get SIGINT (pytest writes
+    its report on it), not inherit the ignoring and die by SIGKILL."""
+    monkeypatch.setattr(gpu_check, "GRACE", 2)
+    runner = gpu_check.Runner(str(tmp_path), 480, False, sys.executable, _env())
+    polite = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    raise SystemExit(3)")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job of a non-interactive shell
+    try:
+        res = runner.run("polite", [sys.executable, "-c", polite], timeout=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert res["timed_out"] and res["returncode"] == 3, res["output"]
 
 
 def test_gpu_tests_print_a_line_each_and_report_when_interrupted(tmp_path, monkeypatch):

@@ -60,6 +60,12 @@ print("PROBE" + json.dumps(info))
 """.replace("MODULES", repr(MODULES))
 
 
+def _default_sigint() -> None:
+    """In a step's child, before exec: SIGINT back to its default. A check started in the background (`nohup ... &`)
+    ignores SIGINT, a child would inherit that, and a step over time would then be killed without its report."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Runner:
     """Runs the steps in one time budget with env (the python under test's environment); keeps their records."""
 
@@ -81,7 +87,7 @@ class Runner:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_default_sigint)
             for wait, sig in ((max(timeout, 1), signal.SIGINT), (GRACE, signal.SIGKILL), (None, None)):
                 try:
                     proc.wait(timeout=wait)
