@@ -13,6 +13,7 @@ a given loss, so at equal epochs a batch well above B_noise falls behind whateve
     .venv/bin/python benchmarks/gradient_noise_scale.py --init benchmarks/out/large_batch/batch*/last.pt
 """
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -49,12 +50,15 @@ def squared_norms(model, criterion, batches, count: int, visibility: bool) -> tu
 
 
 def training_split(cfg):
-    """(the dataset, its training split) as the run saw them."""
-    full = open_dataset(cfg.data.root, fmt=cfg.data.format, split=cfg.data.train_split, face_box=cfg.data.face_box,
-                        scheme=cfg.data.scheme)
-    if cfg.data.val_fraction == 0:
-        return full, full
-    return full, split_validation(full, fraction=cfg.data.val_fraction, seed=cfg.train.seed)[0]
+    """(the dataset, its training split) as the run saw them; read once for all the checkpoints that share them."""
+    d = cfg.data
+    return _training_split(d.root, d.format, d.train_split, d.face_box, d.scheme, d.val_fraction, cfg.train.seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _training_split(root, fmt, split, face_box, scheme, val_fraction, seed):
+    full = open_dataset(root, fmt=fmt, split=split, face_box=face_box, scheme=scheme)
+    return full, split_validation(full, fraction=val_fraction, seed=seed)[0] if val_fraction > 0 else full
 
 
 def loader_of(cfg, dataset, batch_size: int, train: bool):
@@ -74,9 +78,7 @@ def noise_scale(name: str, model, state_or_none, cfg, args) -> dict:
     """The table row of one model: B_simple from args.repeats independent draws of args.batches micro-batches."""
     full, train_ds = training_split(cfg)
     loader = loader_of(cfg, train_ds, args.micro_batch, train=True)
-    criterion = build_criterion(cfg.loss.name, relative=cfg.loss.relative, relative_weight=cfg.loss.relative_weight,
-                                scheme=full.scheme, check_targets=False, visibility_weight=cfg.loss.visibility_weight,
-                                **cfg.loss.params.model_dump())
+    criterion = build_criterion(scheme=full.scheme, check_targets=False, **cfg.loss.criterion_args())
     model.train()
     small, big = args.micro_batch, args.micro_batch * args.batches
     grad_sq, traces, scales = [], [], []

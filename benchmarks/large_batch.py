@@ -133,6 +133,7 @@ def main() -> None:
                        height=args.render_size)
         print(f"large_batch: rendered {args.train_images} + {args.test_images} faces at {args.render_size} px into "
               f"{args.data} in {time.perf_counter() - start:.0f} s", flush=True)
+    recipes = {b: large_batch_recipe(b) for b in args.batches if b > SMALL_BATCH}
     rows = []
     for global_batch in args.batches:
         rows.append(train_and_test(global_batch, args))
@@ -142,11 +143,11 @@ def main() -> None:
         compare(rows, args.tolerance)
         if args.json:
             write_json(args.json, rows, torch.device("cpu"), epochs=args.epochs, settings=vars(args),
-                       large_batch_recipe={b: large_batch_recipe(b) for b in args.batches if b > SMALL_BATCH})
+                       large_batch_recipe=recipes)
     print(f"\nlarge_batch on {args.data} ({device_name(torch.device('cpu'))}; {args.processes} processes x "
-          f"{args.micro_batch} images per micro-batch); NME/FR in %, inter-ocular, held-out test split; "
-          f"large-batch recipe {' '.join(LARGE_BATCH_RECIPE)} optim.betas=[{LARGE_BATCH_BETA1},0.999^(batch/"
-          f"{SMALL_BATCH})] {' '.join(args.large)}")
+          f"{args.micro_batch} images per micro-batch); NME/FR in %, inter-ocular, held-out test split")
+    for global_batch, recipe in recipes.items():
+        print(f"large-batch recipe at {global_batch}: {' '.join(recipe + args.large)}")
     print_table(rows, COLUMNS)
     failed = [r["global_batch"] for r in rows if r["within_goal"] == "no"]
     if any(r["within_goal"] is not None for r in rows):

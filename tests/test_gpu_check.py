@@ -134,12 +134,15 @@ def test_the_image_venv_lacks_what_gpu_deps_brings():
     assert size <= 64 * 2**20
 
 
+# A step that writes its report on SIGINT, as pytest does, and exits with status 3.
+POLITE = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('report', 'written')\n"
+          "    raise SystemExit(3)")
+
+
 def test_a_step_over_time_gets_sigint_then_sigkill(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "GRACE", 2)
     runner = gpu_check.Runner(str(tmp_path), 480, False, sys.executable, _env())
-    polite = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('report', 'written')\n"
-              "    raise SystemExit(3)")
-    res = runner.run("polite", [sys.executable, "-c", polite], timeout=2)
+    res = runner.run("polite", [sys.executable, "-c", POLITE], timeout=2)
     assert res["timed_out"] and res["returncode"] == 3 and "report written" in res["output"].splitlines()[1:]
     deaf = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
     res = runner.run("deaf", [sys.executable, "-c", deaf], timeout=2)
@@ -153,10 +156,9 @@ def test_a_step_gets_sigint_when_the_check_itself_ignores_it(tmp_path, monkeypat
     its report on it), not inherit the ignoring and die by SIGKILL."""
     monkeypatch.setattr(gpu_check, "GRACE", 2)
     runner = gpu_check.Runner(str(tmp_path), 480, False, sys.executable, _env())
-    polite = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    raise SystemExit(3)")
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job of a non-interactive shell
     try:
-        res = runner.run("polite", [sys.executable, "-c", polite], timeout=2)
+        res = runner.run("polite", [sys.executable, "-c", POLITE], timeout=2)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert res["timed_out"] and res["returncode"] == 3, res["output"]

@@ -121,6 +121,11 @@ class LossConfig(Section):
         name = info.data.get("name")  # absent when the name failed its own check (that error comes first)
         return LOSS_PARAMS[name].model_validate(raw) if name in LOSS_PARAMS else raw
 
+    def criterion_args(self) -> dict:
+        """The keyword arguments of structalign.losses.build_criterion that this section sets."""
+        return {"name": self.name, "relative": self.relative, "relative_weight": self.relative_weight,
+                "visibility_weight": self.visibility_weight, **self.params.model_dump()}
+
 
 class OptimConfig(Section):
     name: Literal["sgd", "adam", "adamw", "lamb"] = "sgd"

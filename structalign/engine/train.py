@@ -145,9 +145,7 @@ def _run(cfg: Config, resume: str | None, on_step, loader) -> TrainResult:
         to_sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm if device.type == "cuda" else sync_graph_batch_norms
         raw_model = to_sync(raw_model)
     # NaN targets are caught on the device by the loop below, not by a host sync in the criterion.
-    criterion = build_criterion(cfg.loss.name, relative=cfg.loss.relative, relative_weight=cfg.loss.relative_weight,
-                                scheme=scheme, check_targets=False, visibility_weight=cfg.loss.visibility_weight,
-                                **cfg.loss.params.model_dump()).to(device)
+    criterion = build_criterion(scheme=scheme, check_targets=False, **cfg.loss.criterion_args()).to(device)
     ema = EMA(raw_model, tc.ema_decay) if tc.ema_decay > 0 else None
     global_batch = tc.batch_size * tc.accumulate * env.world_size
     optimizer = build_optimizer(raw_model, cfg.optim, scaled_lr(cfg.optim, global_batch))
